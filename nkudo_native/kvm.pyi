@@ -1,0 +1,6 @@
+from collections.abc import Sequence
+from os import PathLike
+
+def probe(
+    path: str | bytes | PathLike[str], caps: Sequence[int], create_vm: bool
+) -> tuple[int, int, tuple[int, ...], int, int]: ...

@@ -1,0 +1,3 @@
+"""nkudo: edge host agent and control plane for Cloud Hypervisor microVMs."""
+
+__version__ = "0.1.0"

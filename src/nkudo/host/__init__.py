@@ -1,0 +1,1 @@
+"""Host probes: KVM, syscalls, preflight checks and host facts (read-only)."""

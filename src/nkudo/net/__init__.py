@@ -1,0 +1,1 @@
+"""Host networking: rtnetlink codec, link lookup, bridges and TAP devices."""
