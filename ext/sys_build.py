@@ -14,6 +14,7 @@ ffibuilder.cdef(
     """
     int nk_pidfd_open(int pid, unsigned int flags);
     int nk_cap_effective(uint64_t *out);
+    int nk_setns(int fd, int nstype);
     """
 )
 
@@ -25,6 +26,7 @@ ffibuilder.set_source(
     #include <unistd.h>
     #include <sys/syscall.h>
     #include <linux/capability.h>
+    #include <sched.h>
 
     #ifndef SYS_pidfd_open
     #define SYS_pidfd_open 434
@@ -34,6 +36,11 @@ ffibuilder.set_source(
     {
         long r = syscall(SYS_pidfd_open, pid, flags);
         return r < 0 ? -errno : (int)r;
+    }
+
+    static int nk_setns(int fd, int nstype)
+    {
+        return setns(fd, nstype) < 0 ? -errno : 0;
     }
 
     static int nk_cap_effective(uint64_t *out)

@@ -51,6 +51,26 @@ def cap_effective(*, native: bool | None = None) -> int:
     return _cap_effective_py()
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def _setns_py(fd: int, nstype: int) -> int:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, nstype) < 0:
+        return -ctypes.get_errno()
+    return 0
+
+
+def setns(fd: int, nstype: int = 0, *, native: bool | None = None) -> int:
+    """Move the calling thread into the namespace behind ``fd``; 0 or ``-errno``."""
+    mod = _native.load("sys") if native is not False else None
+    if mod is not None:
+        return int(mod.lib.nk_setns(fd, nstype))
+    return _setns_py(fd, nstype)
+
+
 def pidfd_supported(*, native: bool | None = None) -> tuple[bool, int]:
     """Probe pidfd_open on our own pid: (works, errno)."""
     fd = pidfd_open(os.getpid(), 0, native=native)
