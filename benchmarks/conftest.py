@@ -37,7 +37,9 @@ def timed(fn: Callable[[], object], *, rounds: int, warmup: int = 3, per_round: 
     }
 
 
-def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2) -> dict[str, dict[str, float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2
+) -> dict[str, dict[str, float]]:
     """Measure several callables round-robin so machine noise hits them equally."""
     for _ in range(warmup):
         for fn in fns.values():

@@ -59,7 +59,7 @@ def _install_handler() -> logging.Logger:
         for h in list(root.handlers):
             root.removeHandler(h)
         handler = logging.StreamHandler(_state["stream"] or sys.stderr)
-        handler.setFormatter(_Formatter())
+        handler.setFormatter(_Formatter())  # type: ignore[arg-type]  # duck-typed Formatter
         root.addHandler(handler)
         root.setLevel(_state["level"])
         root.propagate = False
@@ -117,7 +117,7 @@ class Logger:
         return Logger(self.component, {**self.fields, **fields})
 
     def enabled(self, level: int) -> bool:
-        return level >= _state["level"]
+        return bool(level >= _state["level"])
 
     def _emit(self, levelno: int, msg: str, fields: dict[str, Any], exc: bool = False) -> None:
         if levelno < _state["level"]:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-class _SpecType(click.ParamType):
+class _SpecType(click.ParamType):  # type: ignore[type-arg]
     """click type that delegates to the shared converter (same messages on both paths)."""
 
     def __init__(self, opt: options.Opt) -> None:
@@ -58,7 +58,7 @@ def _with_options(specs: tuple[options.Opt, ...]) -> Callable[[Any], Any]:
 @click.group(context_settings=CONTEXT)
 @_with_options(options.GLOBAL_OPTS)
 @click.pass_context
-def cli(ctx: click.Context, **params: Any) -> None:
+def cli(ctx: click.Context, /, **params: Any) -> None:
     """nkudo edge agent: runs Cloud Hypervisor microVMs on this host."""
     from nkudo import log
 
@@ -70,7 +70,7 @@ def _command(name: str, help_text: str) -> None:
     @cli.command(name=name, help=help_text, context_settings=CONTEXT)
     @_with_options(options.COMMAND_OPTS[name])
     @click.pass_obj
-    def _cmd(obj: dict[str, Any], **params: Any) -> int:
+    def _cmd(obj: dict[str, Any], /, **params: Any) -> int:
         return RUNNERS[name]({**obj, **params})
 
 

@@ -45,7 +45,13 @@ class Opt:
 
 
 GLOBAL_OPTS = (
-    Opt("--log-format", default="text", envvar="NKUDO_LOG_FORMAT", choices=("text", "json"), help="Log line format."),
+    Opt(
+        "--log-format",
+        default="text",
+        envvar="NKUDO_LOG_FORMAT",
+        choices=("text", "json"),
+        help="Log line format.",
+    ),
     Opt(
         "--log-level",
         default="info",
@@ -53,7 +59,13 @@ GLOBAL_OPTS = (
         choices=("debug", "info", "warn", "error"),
         help="Minimum level logged.",
     ),
-    Opt("--state-dir", default="/var/lib/nkudo-edge/state", envvar="NKUDO_STATE_DIR", kind="path", help="Agent state directory."),
+    Opt(
+        "--state-dir",
+        default="/var/lib/nkudo-edge/state",
+        envvar="NKUDO_STATE_DIR",
+        kind="path",
+        help="Agent state directory.",
+    ),
 )
 
 JSON_OPT = Opt("--json", is_flag=True, default=False, help="Print JSON instead of text.")
@@ -67,26 +79,80 @@ COMMAND_OPTS: dict[str, tuple[Opt, ...]] = {
     "version": (JSON_OPT,),
     "check": (
         JSON_OPT,
-        Opt("--kvm-device", default="/dev/kvm", envvar="NKUDO_KVM_DEVICE", kind="path", help="KVM device to probe."),
-        Opt("--tun-device", default="/dev/net/tun", envvar="NKUDO_TUN_DEVICE", kind="path", help="TUN device to probe."),
+        Opt(
+            "--kvm-device",
+            default="/dev/kvm",
+            envvar="NKUDO_KVM_DEVICE",
+            kind="path",
+            help="KVM device to probe.",
+        ),
+        Opt(
+            "--tun-device",
+            default="/dev/net/tun",
+            envvar="NKUDO_TUN_DEVICE",
+            kind="path",
+            help="TUN device to probe.",
+        ),
         Opt(
             "--cloud-hypervisor-bin",
             default="cloud-hypervisor",
             envvar="NKUDO_CLOUD_HYPERVISOR_BIN",
             help="Cloud Hypervisor binary (name on PATH or path).",
         ),
-        Opt("--bridge", default="br0", envvar="NKUDO_BRIDGE", kind="ifname", help="Bridge the VMs' TAPs attach to."),
-        Opt("--runtime-dir", default="/var/lib/nkudo-edge/vms", envvar="NKUDO_RUNTIME_DIR", kind="path", help="VM runtime directory."),
-        Opt("--min-disk-gib", default=10.0, envvar="NKUDO_MIN_DISK_GIB", kind="float", help="Free disk required (GiB)."),
-        Opt("--min-memory-mib", default=1024, envvar="NKUDO_MIN_MEMORY_MIB", kind="int", help="Available memory required (MiB)."),
-        Opt("--netbird-enabled", is_flag=True, default=False, envvar="NKUDO_NETBIRD_ENABLED", help="Also check NetBird."),
+        Opt(
+            "--bridge",
+            default="br0",
+            envvar="NKUDO_BRIDGE",
+            kind="ifname",
+            help="Bridge the VMs' TAPs attach to.",
+        ),
+        Opt(
+            "--runtime-dir",
+            default="/var/lib/nkudo-edge/vms",
+            envvar="NKUDO_RUNTIME_DIR",
+            kind="path",
+            help="VM runtime directory.",
+        ),
+        Opt(
+            "--min-disk-gib",
+            default=10.0,
+            envvar="NKUDO_MIN_DISK_GIB",
+            kind="float",
+            help="Free disk required (GiB).",
+        ),
+        Opt(
+            "--min-memory-mib",
+            default=1024,
+            envvar="NKUDO_MIN_MEMORY_MIB",
+            kind="int",
+            help="Available memory required (MiB).",
+        ),
+        Opt(
+            "--netbird-enabled",
+            is_flag=True,
+            default=False,
+            envvar="NKUDO_NETBIRD_ENABLED",
+            help="Also check NetBird.",
+        ),
         Opt("--skip", multiple=True, default=(), choices=CHECK_IDS, help="Skip a check by id (repeatable)."),
     ),
 }
 
 COMMAND_OPTS["hostfacts"] = (
-    Opt("--runtime-dir", default="/var/lib/nkudo-edge/vms", envvar="NKUDO_RUNTIME_DIR", kind="path", help="VM runtime directory."),
-    Opt("--kvm-device", default="/dev/kvm", envvar="NKUDO_KVM_DEVICE", kind="path", help="KVM device to probe."),
+    Opt(
+        "--runtime-dir",
+        default="/var/lib/nkudo-edge/vms",
+        envvar="NKUDO_RUNTIME_DIR",
+        kind="path",
+        help="VM runtime directory.",
+    ),
+    Opt(
+        "--kvm-device",
+        default="/dev/kvm",
+        envvar="NKUDO_KVM_DEVICE",
+        kind="path",
+        help="KVM device to probe.",
+    ),
 )
 
 FAST_COMMANDS = frozenset({"version", "check"})
@@ -119,7 +185,9 @@ def convert(opt: Opt, raw: str) -> Any:
             from nkudo.net.rtnl import valid_ifname
 
             if not valid_ifname(raw):
-                raise ValueError(f"{opt.flag} {raw!r} is not a valid interface name (1-15 characters, no '/', ':' or spaces)")
+                raise ValueError(
+                    f"{opt.flag} {raw!r} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+                )
     return raw
 
 

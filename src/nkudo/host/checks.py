@@ -18,7 +18,7 @@ from nkudo.host import syscalls
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 
@@ -34,18 +34,26 @@ class CheckResult:
     __slots__ = ("data", "detail", "duration_ms", "id", "remedy", "status", "title")
 
     def __init__(
-        self, id: str, title: str, status: str, detail: str, remedy: str = "", data: dict[str, object] | None = None
+        self,
+        id: str,
+        title: str,
+        status: str,
+        detail: str,
+        remedy: str = "",
+        data: Mapping[str, object] | None = None,
     ) -> None:
         self.id = id
         self.title = title
         self.status = status
         self.detail = detail
         self.remedy = remedy if status in (WARN, FAIL) else ""
-        self.data = data or {}
+        self.data: dict[str, object] = dict(data or {})
         self.duration_ms = 0.0
 
     def to_dict(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in ("id", "title", "status", "detail", "remedy", "duration_ms", "data")}
+        return {
+            k: getattr(self, k) for k in ("id", "title", "status", "detail", "remedy", "duration_ms", "data")
+        }
 
 
 class CheckOptions:
@@ -175,7 +183,9 @@ def cgroup_info() -> dict[str, object]:
             v2_path = v2_path or m[1]
     if mode != "v2":
         has_v1 = any(len(m) >= 3 and m[2] == "cgroup" for m in mounts)
-        mode = "hybrid" if has_v1 and v2_path else ("v1" if has_v1 else ("v2-elsewhere" if v2_path else "none"))
+        mode = (
+            "hybrid" if has_v1 and v2_path else ("v1" if has_v1 else ("v2-elsewhere" if v2_path else "none"))
+        )
     controllers: list[str] = []
     if v2_path:
         try:
@@ -208,9 +218,13 @@ def check_cpu_virt(o: CheckOptions) -> CheckResult:
     nested = "hypervisor" in flags
     data = {"flags": found, "under_hypervisor": nested}
     if arch != "x86_64":
-        return CheckResult("cpu_virt", "CPU virtualization", PASS, f"no CPU flag to check on {arch}", data=data)
+        return CheckResult(
+            "cpu_virt", "CPU virtualization", PASS, f"no CPU flag to check on {arch}", data=data
+        )
     if found:
-        detail = f"{'/'.join(found)} present" + (" (running under a hypervisor: nested virtualization)" if nested else "")
+        detail = f"{'/'.join(found)} present" + (
+            " (running under a hypervisor: nested virtualization)" if nested else ""
+        )
         return CheckResult("cpu_virt", "CPU virtualization", PASS, detail, data=data)
     if o.kvm_report().ok:
         return CheckResult(
@@ -237,10 +251,17 @@ def check_kernel(o: CheckOptions) -> CheckResult:
     ver = kernel_version(u.release)
     data = {"sysname": u.sysname, "release": u.release, "arch": arch}
     if u.sysname != "Linux":
-        return CheckResult("kernel", "Kernel", FAIL, f"{u.sysname} is not Linux", "run the agent on Linux", data)
+        return CheckResult(
+            "kernel", "Kernel", FAIL, f"{u.sysname} is not Linux", "run the agent on Linux", data
+        )
     if arch not in _kvm.REQUIRED_CAPS:
         return CheckResult(
-            "kernel", "Kernel", FAIL, f"architecture {arch} is not supported", "use an x86_64 or aarch64 host", data
+            "kernel",
+            "Kernel",
+            FAIL,
+            f"architecture {arch} is not supported",
+            "use an x86_64 or aarch64 host",
+            data,
         )
     if ver < RECOMMENDED_KERNEL:
         return CheckResult(
@@ -264,22 +285,39 @@ def check_tun(o: CheckOptions) -> CheckResult:
         st = os.stat(path)
     except OSError as exc:
         return CheckResult(
-            "tun", title, FAIL, f"{path}: {os.strerror(exc.errno or 0)}", "load the 'tun' module: modprobe tun"
+            "tun",
+            title,
+            FAIL,
+            f"{path}: {os.strerror(exc.errno or 0)}",
+            "load the 'tun' module: modprobe tun",
         )
     if not stat.S_ISCHR(st.st_mode):
-        return CheckResult("tun", title, FAIL, f"{path} is not a character device", "recreate it: mknod /dev/net/tun c 10 200")
+        return CheckResult(
+            "tun",
+            title,
+            FAIL,
+            f"{path} is not a character device",
+            "recreate it: mknod /dev/net/tun c 10 200",
+        )
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         return CheckResult(
-            "tun", title, FAIL, f"{path} cannot be opened: {os.strerror(exc.errno or 0)}", "run the agent as root or with CAP_NET_ADMIN"
+            "tun",
+            title,
+            FAIL,
+            f"{path} cannot be opened: {os.strerror(exc.errno or 0)}",
+            "run the agent as root or with CAP_NET_ADMIN",
         )
     try:
         try:
             buf = fcntl.ioctl(fd, TUNGETFEATURES, b"\0" * 4)
         except OSError as exc:
             return CheckResult(
-                "tun", title, FAIL, f"{path}: TUNGETFEATURES failed ({os.strerror(exc.errno or 0)}): not a TUN device",
+                "tun",
+                title,
+                FAIL,
+                f"{path}: TUNGETFEATURES failed ({os.strerror(exc.errno or 0)}): not a TUN device",
                 "point --tun-device at /dev/net/tun",
             )
     finally:
@@ -289,7 +327,12 @@ def check_tun(o: CheckOptions) -> CheckResult:
     data = {"features": features, "multi_queue": bool(features & IFF_MULTI_QUEUE)}
     if features & need != need:
         return CheckResult(
-            "tun", title, FAIL, f"TUN device lacks TAP/NO_PI/VNET_HDR support (features 0x{features:x})", "upgrade the kernel", data
+            "tun",
+            title,
+            FAIL,
+            f"TUN device lacks TAP/NO_PI/VNET_HDR support (features 0x{features:x})",
+            "upgrade the kernel",
+            data,
         )
     mq = ", multi-queue" if features & IFF_MULTI_QUEUE else ""
     return CheckResult("tun", title, PASS, f"{path} usable (tap, vnet_hdr{mq})", data=data)
@@ -325,14 +368,27 @@ def check_cloud_hypervisor(o: CheckOptions) -> CheckResult:
 
     try:
         proc = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=10, check=False, stdin=subprocess.DEVNULL
+            [path, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         return CheckResult(
-            "cloud_hypervisor", title, FAIL, f"{path} --version failed: {exc}", "check that the binary runs on this host"
+            "cloud_hypervisor",
+            title,
+            FAIL,
+            f"{path} --version failed: {exc}",
+            "check that the binary runs on this host",
         )
     ver = parse_ch_version(proc.stdout + "\n" + proc.stderr)
-    data: dict[str, object] = {"path": path, "version": f"v{ver[0]}.{ver[1]}" if ver else None, "minimum": minimum}
+    data: dict[str, object] = {
+        "path": path,
+        "version": f"v{ver[0]}.{ver[1]}" if ver else None,
+        "minimum": minimum,
+    }
     if proc.returncode != 0 or ver is None:
         return CheckResult(
             "cloud_hypervisor",
@@ -351,7 +407,9 @@ def check_cloud_hypervisor(o: CheckOptions) -> CheckResult:
             f"upgrade cloud-hypervisor to {minimum} or newer",
             data,
         )
-    return CheckResult("cloud_hypervisor", title, PASS, f"{path} v{ver[0]}.{ver[1]} (minimum {minimum})", data=data)
+    return CheckResult(
+        "cloud_hypervisor", title, PASS, f"{path} v{ver[0]}.{ver[1]} (minimum {minimum})", data=data
+    )
 
 
 def check_bridge(o: CheckOptions) -> CheckResult:
@@ -365,7 +423,9 @@ def check_bridge(o: CheckOptions) -> CheckResult:
     except NkudoError as exc:
         return CheckResult("bridge", title, FAIL, exc.message, "check the --bridge value")
     except OSError as exc:
-        return CheckResult("bridge", title, FAIL, f"netlink query failed: {os.strerror(exc.errno or 0)}", "run as root")
+        return CheckResult(
+            "bridge", title, FAIL, f"netlink query failed: {os.strerror(exc.errno or 0)}", "run as root"
+        )
     if link is None:
         return CheckResult("bridge", title, FAIL, f"no interface named {o.bridge}", create)
     data = {k: link[k] for k in ("index", "mtu", "mac", "operstate", "kind")}
@@ -379,7 +439,9 @@ def check_bridge(o: CheckOptions) -> CheckResult:
             data,
         )
     if not link["up"]:
-        return CheckResult("bridge", title, FAIL, f"bridge {o.bridge} is down", f"ip link set {o.bridge} up", data)
+        return CheckResult(
+            "bridge", title, FAIL, f"bridge {o.bridge} is down", f"ip link set {o.bridge} up", data
+        )
     return CheckResult("bridge", title, PASS, f"bridge {o.bridge} is up (mtu {link['mtu']})", data=data)
 
 
@@ -419,30 +481,67 @@ def check_state_dir(o: CheckOptions) -> CheckResult:
     path = os.path.abspath(o.state_dir)
     data: dict[str, object] = {"path": path}
     if os.path.lexists(path) and not os.path.isdir(path):
-        return CheckResult("state_dir", title, FAIL, f"{path} exists and is not a directory", "remove it or pick another --state-dir", data)
+        return CheckResult(
+            "state_dir",
+            title,
+            FAIL,
+            f"{path} exists and is not a directory",
+            "remove it or pick another --state-dir",
+            data,
+        )
     if not os.path.isdir(path):
         base = nearest_existing(path)
         data["creatable_from"] = base
         if not os.path.isdir(base):
-            return CheckResult("state_dir", title, FAIL, f"{base} is not a directory", "pick another --state-dir", data)
+            return CheckResult(
+                "state_dir", title, FAIL, f"{base} is not a directory", "pick another --state-dir", data
+            )
         err = _probe_write(base)
         if err:
-            return CheckResult("state_dir", title, FAIL, f"{path} does not exist and {err}", "create it as root: install -d -m 0700 " + path, data)
-        return CheckResult("state_dir", title, PASS, f"{path} does not exist yet; it will be created (mode 0700)", data=data)
+            return CheckResult(
+                "state_dir",
+                title,
+                FAIL,
+                f"{path} does not exist and {err}",
+                "create it as root: install -d -m 0700 " + path,
+                data,
+            )
+        return CheckResult(
+            "state_dir", title, PASS, f"{path} does not exist yet; it will be created (mode 0700)", data=data
+        )
     st = os.stat(path)
     data.update(mode=oct(stat.S_IMODE(st.st_mode)), uid=st.st_uid)
     err = _probe_write(path)
     if err:
-        return CheckResult("state_dir", title, FAIL, err, f"make {path} writable by the agent (owner uid {os.geteuid()})", data)
+        return CheckResult(
+            "state_dir",
+            title,
+            FAIL,
+            err,
+            f"make {path} writable by the agent (owner uid {os.geteuid()})",
+            data,
+        )
     if st.st_uid != os.geteuid():
         return CheckResult(
-            "state_dir", title, WARN, f"{path} is owned by uid {st.st_uid}, the agent runs as {os.geteuid()}", f"chown {os.geteuid()} {path}", data
+            "state_dir",
+            title,
+            WARN,
+            f"{path} is owned by uid {st.st_uid}, the agent runs as {os.geteuid()}",
+            f"chown {os.geteuid()} {path}",
+            data,
         )
     if st.st_mode & 0o022:
         return CheckResult(
-            "state_dir", title, WARN, f"{path} is group/world writable (mode {oct(stat.S_IMODE(st.st_mode))})", f"chmod 0700 {path}", data
+            "state_dir",
+            title,
+            WARN,
+            f"{path} is group/world writable (mode {oct(stat.S_IMODE(st.st_mode))})",
+            f"chmod 0700 {path}",
+            data,
         )
-    return CheckResult("state_dir", title, PASS, f"{path} writable (mode {oct(stat.S_IMODE(st.st_mode))})", data=data)
+    return CheckResult(
+        "state_dir", title, PASS, f"{path} writable (mode {oct(stat.S_IMODE(st.st_mode))})", data=data
+    )
 
 
 def check_disk(o: CheckOptions) -> CheckResult:
@@ -458,7 +557,14 @@ def check_disk(o: CheckOptions) -> CheckResult:
             st = os.statvfs(base)
             dev = os.stat(base).st_dev
         except OSError as exc:
-            return CheckResult("disk", title, FAIL, f"cannot stat {base}: {os.strerror(exc.errno or 0)}", "check the path", data)
+            return CheckResult(
+                "disk",
+                title,
+                FAIL,
+                f"cannot stat {base}: {os.strerror(exc.errno or 0)}",
+                "check the path",
+                data,
+            )
         free = st.f_bavail * st.f_frsize
         total = st.f_blocks * st.f_frsize
         data["paths"][p] = {"free_bytes": free, "total_bytes": total}  # type: ignore[index]
@@ -481,11 +587,15 @@ def check_memory(o: CheckOptions) -> CheckResult:
     try:
         mi = meminfo()
     except OSError as exc:
-        return CheckResult("memory", title, FAIL, f"cannot read /proc/meminfo: {os.strerror(exc.errno or 0)}", "mount /proc")
+        return CheckResult(
+            "memory", title, FAIL, f"cannot read /proc/meminfo: {os.strerror(exc.errno or 0)}", "mount /proc"
+        )
     avail = mi.get("MemAvailable", mi.get("MemFree", 0))
     total = mi.get("MemTotal", 0)
     data = {"available_bytes": avail, "total_bytes": total, "min_available_bytes": o.min_memory_mib * 1024**2}
-    detail = f"{avail / 1024**2:.0f} MiB available of {total / 1024**2:.0f} MiB (minimum {o.min_memory_mib} MiB)"
+    detail = (
+        f"{avail / 1024**2:.0f} MiB available of {total / 1024**2:.0f} MiB (minimum {o.min_memory_mib} MiB)"
+    )
     if avail < o.min_memory_mib * 1024**2:
         return CheckResult("memory", title, FAIL, detail, "free memory or lower --min-memory-mib", data)
     return CheckResult("memory", title, PASS, detail, data=data)
@@ -497,31 +607,54 @@ def check_netbird(o: CheckOptions) -> CheckResult:
         return CheckResult("netbird", title, SKIP, "NetBird not enabled (pass --netbird-enabled to check it)")
     path = which("netbird")
     if path is None:
-        return CheckResult("netbird", title, FAIL, "netbird not found on PATH", "install NetBird or drop --netbird-enabled")
+        return CheckResult(
+            "netbird", title, FAIL, "netbird not found on PATH", "install NetBird or drop --netbird-enabled"
+        )
     import subprocess
 
     try:
         proc = subprocess.run(
-            [path, "status"], capture_output=True, text=True, timeout=10, check=False, stdin=subprocess.DEVNULL
+            [path, "status"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        return CheckResult("netbird", title, FAIL, f"netbird status failed: {exc}", "check the NetBird installation")
+        return CheckResult(
+            "netbird", title, FAIL, f"netbird status failed: {exc}", "check the NetBird installation"
+        )
     status: dict[str, str] = {}
     for line in proc.stdout.splitlines():
         k, sep, v = line.partition(":")
         if sep:
             status[k.strip().lower()] = v.strip()
-    data = {"path": path, "exit_code": proc.returncode, "management": status.get("management"), "signal": status.get("signal")}
+    data = {
+        "path": path,
+        "exit_code": proc.returncode,
+        "management": status.get("management"),
+        "signal": status.get("signal"),
+    }
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()[:1]
         return CheckResult(
-            "netbird", title, FAIL, f"netbird daemon not running ({msg[0] if msg else 'exit ' + str(proc.returncode)})",
-            "start it: netbird service start && netbird up", data,
+            "netbird",
+            title,
+            FAIL,
+            f"netbird daemon not running ({msg[0] if msg else 'exit ' + str(proc.returncode)})",
+            "start it: netbird service start && netbird up",
+            data,
         )
     if (status.get("management") or "").lower().startswith("connected"):
         return CheckResult("netbird", title, PASS, f"{path}: management connected", data=data)
     return CheckResult(
-        "netbird", title, WARN, f"{path}: management {status.get('management', 'unknown')}", "run: netbird up", data
+        "netbird",
+        title,
+        WARN,
+        f"{path}: management {status.get('management', 'unknown')}",
+        "run: netbird up",
+        data,
     )
 
 
@@ -541,7 +674,12 @@ def check_cgroup(o: CheckOptions) -> CheckResult:
         )
     if missing:
         return CheckResult(
-            "cgroup", title, WARN, f"cgroup v2 lacks controllers: {', '.join(missing)}", "enable them in the kernel/boot options", info
+            "cgroup",
+            title,
+            WARN,
+            f"cgroup v2 lacks controllers: {', '.join(missing)}",
+            "enable them in the kernel/boot options",
+            info,
         )
     return CheckResult("cgroup", title, PASS, "cgroup v2 with cpu, memory and io controllers", data=info)
 
@@ -570,9 +708,7 @@ def check_pidfd(o: CheckOptions) -> CheckResult:
     if ok and ver >= MIN_KERNEL_PIDFD:
         return CheckResult("pidfd", title, PASS, f"pidfd_open works (kernel {rel})")
     reason = f"pidfd_open failed: {os.strerror(err)}" if not ok else f"kernel {rel} is older than 5.3"
-    return CheckResult(
-        "pidfd", title, FAIL, reason, "upgrade the kernel to 5.3 or newer (5.10+ recommended)"
-    )
+    return CheckResult("pidfd", title, FAIL, reason, "upgrade the kernel to 5.3 or newer (5.10+ recommended)")
 
 
 CHECKS: dict[str, Callable[[CheckOptions], CheckResult]] = {
@@ -620,7 +756,9 @@ def run_checks(opts: CheckOptions) -> list[CheckResult]:
             try:
                 res = fn(opts)
             except Exception as exc:  # a check must never crash the command
-                res = CheckResult(cid, cid, FAIL, f"check crashed: {type(exc).__name__}: {exc}", "report this as a bug")
+                res = CheckResult(
+                    cid, cid, FAIL, f"check crashed: {type(exc).__name__}: {exc}", "report this as a bug"
+                )
         res.duration_ms = round((time.perf_counter() - start) * 1000, 3)
         results.append(res)
     return results

@@ -51,7 +51,7 @@ def _read(path: str) -> str | None:
 
 def interfaces() -> list[dict[str, Any]]:
     """Every interface with MAC, MTU, state, master and whether it is a bridge."""
-    out = []
+    out: list[dict[str, Any]] = []
     base = "/sys/class/net"
     try:
         names = sorted(os.listdir(base))
@@ -88,7 +88,13 @@ def _disk(path: str) -> dict[str, Any]:
         du = psutil.disk_usage(base)
     except OSError as exc:
         return {"path": path, "error": os.strerror(exc.errno or 0)}
-    return {"path": path, "measured_at": base, "total_bytes": du.total, "used_bytes": du.used, "free_bytes": du.free}
+    return {
+        "path": path,
+        "measured_at": base,
+        "total_bytes": du.total,
+        "used_bytes": du.used,
+        "free_bytes": du.free,
+    }
 
 
 def collect(*, state_dir: str, runtime_dir: str, kvm_device: str = "/dev/kvm") -> dict[str, Any]:

@@ -99,7 +99,9 @@ def _probe_py(path: str | bytes, caps: list[int] | tuple[int, ...], create_vm: b
         os.close(fd)
 
 
-def raw_probe(path: str, caps: list[int] | tuple[int, ...], create_vm: bool, *, native: bool | None = None) -> RawProbe:
+def raw_probe(
+    path: str, caps: list[int] | tuple[int, ...], create_vm: bool, *, native: bool | None = None
+) -> RawProbe:
     """Run the probe with the native module when loaded (or as forced by ``native``)."""
     mod = _native.load("kvm") if native is not False else None
     if native is True and mod is None:
@@ -161,7 +163,10 @@ def _open_remedy(err: int, path: str, arch: str) -> tuple[str, str]:
             "run the agent as root or add its user to the group that owns /dev/kvm (usually 'kvm')",
         )
     if err == _errno.EISDIR:
-        return (f"{path} is a directory, not the KVM device", "point --kvm-device at the KVM character device")
+        return (
+            f"{path} is a directory, not the KVM device",
+            "point --kvm-device at the KVM character device",
+        )
     if err == _errno.ENXIO or err == _errno.ENODEV:
         return (f"{path}: no such device (driver not loaded)", f"load the {module_hint} module")
     return (f"{path} cannot be opened: {os.strerror(err)}", "check the device node and its permissions")

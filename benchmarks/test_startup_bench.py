@@ -1,0 +1,75 @@
+"""Start-up gates: `nkudo-edge version` ≤ 2.5× and `check` ≤ 5× a bare `python -c pass`.
+
+Measured from an installed wheel in a fresh venv (what an operator runs), all
+three commands interleaved in the same run so machine noise hits them equally.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from benchmarks.conftest import interleaved
+from tests.wheel_env import fresh_venv_with_wheel
+
+ROUNDS = 25
+
+
+@pytest.fixture(scope="module")
+def wheel_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fresh_venv_with_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def _runner(argv: list[str]) -> Callable[[], object]:
+    def go() -> object:
+        return subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+    return go
+
+
+def test_cli_startup_ratios(wheel_bin: Path, benchmark: pytest.FixtureRequest, gate: Callable[..., None]) -> None:
+    py = str(wheel_bin / "python")
+    edge = str(wheel_bin / "nkudo-edge")
+    res = interleaved(
+        {
+            "python -c pass": _runner([py, "-c", "pass"]),
+            "nkudo-edge version": _runner([edge, "version"]),
+            "nkudo-edge check": _runner([edge, "check"]),
+        },
+        rounds=ROUNDS,
+    )
+    base = res["python -c pass"]["median"]
+    v_ratio = res["nkudo-edge version"]["median"] / base
+    c_ratio = res["nkudo-edge check"]["median"] / base
+    gate(
+        "cli_startup",
+        python_pass_ms=round(base * 1000, 1),
+        version_ms=round(res["nkudo-edge version"]["median"] * 1000, 1),
+        check_ms=round(res["nkudo-edge check"]["median"] * 1000, 1),
+        version_ratio=round(v_ratio, 2),
+        check_ratio=round(c_ratio, 2),
+        rounds=ROUNDS,
+    )
+    benchmark.extra_info.update(version_ratio=v_ratio, check_ratio=c_ratio)  # type: ignore[attr-defined]
+    benchmark.pedantic(_runner([edge, "version"]), rounds=5, iterations=1)  # type: ignore[attr-defined]
+    assert v_ratio <= 2.5, f"nkudo-edge version is {v_ratio:.2f}x python -c pass (budget 2.5x)"
+    assert c_ratio <= 5.0, f"nkudo-edge check is {c_ratio:.2f}x python -c pass (budget 5x)"
+
+
+def test_fast_commands_do_not_import_heavy_modules(wheel_bin: Path) -> None:
+    """The budget depends on these staying out of `version` and `check`."""
+    code = (
+        "import sys; from nkudo.cli.entry import main; import io, contextlib;"
+        "buf = io.StringIO();\n"
+        "with contextlib.redirect_stdout(buf): main(sys.argv[1:])\n"
+        "heavy = [m for m in ('click', 'pyroute2', 'prometheus_client', 'cryptography', 'http.client', 'aiohttp', 'psutil', 'logging') if m in sys.modules];"
+        "print('HEAVY=' + ','.join(heavy))"
+    )
+    for cmd in (["version"], ["check"]):
+        out = subprocess.run([str(wheel_bin / "python"), "-c", code, *cmd], capture_output=True, text=True, check=False)
+        assert out.stdout.strip().splitlines()[-1] == "HEAVY=", f"{cmd} imported {out.stdout.strip()} {out.stderr}"
+    assert sys.version_info >= (3, 11)

@@ -1,0 +1,36 @@
+"""The wheel installs into a fresh virtualenv and works there with its compiled modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.wheel_env import ROOT, fresh_venv_with_wheel
+
+
+@pytest.mark.slow
+def test_wheel_in_fresh_venv(tmp_path: Path) -> None:
+    bin_dir = fresh_venv_with_wheel(tmp_path)
+    wheel = next(tmp_path.glob("nkudo-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("nkudo_native/kvm.") and n.endswith(".so") for n in names)
+    assert any(n.startswith("nkudo_native/_sys.") and n.endswith(".so") for n in names)
+    assert not any(n.endswith((".pyx", ".c")) for n in names)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("NKUDO_")}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    r = subprocess.run([str(bin_dir / "nkudo-edge"), "version", "--json"], capture_output=True, text=True, cwd=outside, env=env, check=True)
+    info = json.loads(r.stdout)
+    for mod in info["native_modules"]:
+        assert mod["native"], mod
+        assert str(ROOT) not in str(mod["file"])  # loaded from the venv's site-packages, not the source tree
+        assert str(tmp_path / "venv") in str(mod["file"])
+    r = subprocess.run([str(bin_dir / "nkudo-edge"), "check", "--json", "--skip", "bridge"], capture_output=True, text=True, cwd=outside, env=env)
+    assert r.returncode in (0, 1)
+    assert {c["id"] for c in json.loads(r.stdout)["checks"]} >= {"kvm", "state_dir", "pidfd"}
