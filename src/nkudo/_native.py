@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 NATIVE_MODULES: dict[str, str] = {
     "kvm": "nkudo_native.kvm",
     "sys": "nkudo_native._sys",
+    "netlink": "nkudo_native.netlink",
 }
 
 _cache: dict[str, tuple[ModuleType | None, str]] = {}

@@ -38,6 +38,8 @@ def get_link(name: str) -> dict[str, object] | None:
                         return None
                     if err == 0:
                         continue
-                    raise HostError(f"netlink lookup of {name!r} failed: {os.strerror(err)}", code="NETLINK_ERROR")
+                    raise HostError(
+                        f"netlink lookup of {name!r} failed: {os.strerror(err)}", code="NETLINK_ERROR"
+                    )
                 if mtype == rtnl.RTM_NEWLINK:
                     return rtnl.parse_link(payload)
