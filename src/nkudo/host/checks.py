@@ -414,35 +414,30 @@ def check_cloud_hypervisor(o: CheckOptions) -> CheckResult:
 
 def check_bridge(o: CheckOptions) -> CheckResult:
     from nkudo.errors import NkudoError
-    from nkudo.net.links import get_link
+    from nkudo.net.hostnet import open_backend
 
     title = f"Bridge {o.bridge} exists"
     create = f"create it: ip link add {o.bridge} type bridge && ip link set {o.bridge} up"
     try:
-        link = get_link(o.bridge)
+        with open_backend("auto") as net:
+            link = net.get_link(o.bridge)
     except NkudoError as exc:
-        return CheckResult("bridge", title, FAIL, exc.message, "check the --bridge value")
-    except OSError as exc:
-        return CheckResult(
-            "bridge", title, FAIL, f"netlink query failed: {os.strerror(exc.errno or 0)}", "run as root"
-        )
+        return CheckResult("bridge", title, FAIL, exc.message, "check the --bridge value and run as root")
     if link is None:
         return CheckResult("bridge", title, FAIL, f"no interface named {o.bridge}", create)
-    data = {k: link[k] for k in ("index", "mtu", "mac", "operstate", "kind")}
-    if link["kind"] != "bridge":
+    data = {"index": link.index, "mtu": link.mtu, "mac": link.mac, "operstate": link.operstate, "kind": link.kind}
+    if link.kind != "bridge":
         return CheckResult(
             "bridge",
             title,
             FAIL,
-            f"{o.bridge} exists but is a {link['kind'] or 'plain'} device, not a bridge",
+            f"{o.bridge} exists but is a {link.kind or 'plain'} device, not a bridge",
             "pass --bridge with the name of a Linux bridge",
             data,
         )
-    if not link["up"]:
-        return CheckResult(
-            "bridge", title, FAIL, f"bridge {o.bridge} is down", f"ip link set {o.bridge} up", data
-        )
-    return CheckResult("bridge", title, PASS, f"bridge {o.bridge} is up (mtu {link['mtu']})", data=data)
+    if not link.up:
+        return CheckResult("bridge", title, FAIL, f"bridge {o.bridge} is down", f"ip link set {o.bridge} up", data)
+    return CheckResult("bridge", title, PASS, f"bridge {o.bridge} is up (mtu {link.mtu})", data=data)
 
 
 def _probe_write(directory: str) -> str | None:

@@ -1,6 +1,6 @@
 """Sans-I/O rtnetlink codec: build requests and parse replies as pure functions.
 
-Transports (the Python socket in :mod:`nkudo.net.links` and
+Transports (the Python socket in
 :mod:`nkudo.net._nlpy`) only move the bytes this module produces and consumes.
 The native module ``nkudo_native.netlink`` re-implements the hot subset in
 Cython and must stay byte-for-byte and dict-for-dict equivalent to it; the
