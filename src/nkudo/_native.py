@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 # Logical name -> importable module. Add a line when adding a native module.
 NATIVE_MODULES: dict[str, str] = {
     "kvm": "nkudo_native.kvm",
+    "chapi": "nkudo_native.chapi",
     "sys": "nkudo_native._sys",
     "netlink": "nkudo_native.netlink",
 }

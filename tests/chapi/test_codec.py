@@ -1,0 +1,155 @@
+"""The sans-I/O codec: exact request bytes, strict response parsing, framing twins agree."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nkudo import _native
+from nkudo.chapi import codec
+from nkudo.chapi.errors import (
+    BadRequestError,
+    ChProtocolError,
+    ConflictError,
+    InvalidStateError,
+    NotFoundError,
+    ServerError,
+    TooManyRequestsError,
+    VmNotCreatedError,
+    status_error,
+)
+from tests.conftest import require_native
+
+OK_200 = (b"HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n"
+          b"Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"version\":\"1.0\"}")
+NO_CONTENT = b"HTTP/1.1 204 \r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n\r\n"
+
+
+def test_build_request_matches_ch_remote() -> None:
+    assert codec.build_request("PUT", "vm.boot") == (
+        b"PUT /api/v1/vm.boot HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n")
+    assert codec.build_request("PUT", "vm.create", b'{"a":1}') == (
+        b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\nContent-Length: 7\r\n\r\n{\"a\":1}")
+    assert codec.build_request("PUT", "vm.boot", b"").endswith(b"Content-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize(("method", "endpoint"), [("", "vm.boot"), ("P UT", "vm.boot"), ("PUT", ""),
+                                                   ("PUT", "vm.boot HTTP/1.1\r\nX: y"), ("PUT", "../x"),
+                                                   ("GÉT", "vm.info")])
+def test_build_request_rejects_injection(method: str, endpoint: str) -> None:
+    with pytest.raises(ValueError):
+        codec.build_request(method, endpoint)
+
+
+def test_parse_micro_http_responses() -> None:
+    r = codec.parse_response(OK_200)
+    assert (r.status, r.reason, r.body, r.ok) == (200, "", b'{"version":"1.0"}', True)
+    assert r.header("Content-Type") == "application/json"
+    assert r.json() == {"version": "1.0"}
+    r = codec.parse_response(NO_CONTENT)
+    assert (r.status, r.body) == (204, b"")
+    # older micro_http sent Content-Length: 0 on 204; a reason phrase is fine too
+    assert codec.parse_response(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n").status == 204
+    err = codec.parse_response(b'HTTP/1.1 500 \r\nContent-Length: 31\r\n\r\n["Error from API","VM is bad!"]')
+    assert err.messages() == ["Error from API", "VM is bad!"]
+
+
+@pytest.mark.parametrize("body,expected", [(b"", []), (b'["a","b"]', ["a", "b"]), (b'"plain"', ["plain"]),
+                                           (b"not json", ["not json"]), (b'{"x":1}', ['{"x":1}'])])
+def test_messages_always_a_list_of_strings(body: bytes, expected: list[str]) -> None:
+    assert codec.Response(500, "", b"", body).messages() == expected
+
+
+BAD = {
+    "empty": b"",
+    "truncated head": b"HTTP/1.1 200 \r\nContent-Le",
+    "bad version": b"HTTP/2.0 200 \r\nContent-Length: 0\r\n\r\n",
+    "no space": b"HTTP/1.1200 \r\nContent-Length: 0\r\n\r\n",
+    "bad code": b"HTTP/1.1 2x0 \r\nContent-Length: 0\r\n\r\n",
+    "short status": b"HTTP/1.1 20\r\n\r\n",
+    "code glued to reason": b"HTTP/1.1 200OK\r\nContent-Length: 0\r\n\r\n",
+    "header without colon": b"HTTP/1.1 200 \r\nContent-Length 0\r\n\r\n",
+    "obs-fold": b"HTTP/1.1 200 \r\nContent-Length: 0\r\n folded\r\n\r\n",
+    "space in name": b"HTTP/1.1 200 \r\nContent Length: 0\r\n\r\n",
+    "bad length": b"HTTP/1.1 200 \r\nContent-Length: -1\r\n\r\n",
+    "conflicting lengths": b"HTTP/1.1 200 \r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    "chunked": b"HTTP/1.1 200 \r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "204 with body": b"HTTP/1.1 204 \r\nContent-Length: 2\r\n\r\n{}",
+    "missing length": b"HTTP/1.1 200 \r\nServer: x\r\n\r\n{}",
+    "truncated body": b"HTTP/1.1 200 \r\nContent-Length: 10\r\n\r\n{}",
+    "trailing bytes": b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\n{}xx",
+    "non-ascii": b"HTTP/1.1 200 \xc3\xa9\r\nContent-Length: 0\r\n\r\n",
+    "control char": b"HTTP/1.1 200 \r\nServer: a\x01b\r\nContent-Length: 0\r\n\r\n",
+    "informational": b"HTTP/1.1 100 \r\n\r\n",
+    "huge": b"HTTP/1.1 200 \r\nContent-Length: 999999999999\r\n\r\n",
+    "head too large": b"HTTP/1.1 200 \r\nX: " + b"a" * 20000 + b"\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_parse_rejects_malformed(name: str) -> None:
+    with pytest.raises(ChProtocolError):
+        codec.parse_response(BAD[name])
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=400, deadline=None)
+def test_parse_never_crashes(data: bytes) -> None:
+    try:
+        codec.parse_response(data)
+    except ChProtocolError:
+        pass
+
+
+_http_like = st.lists(
+    st.sampled_from([b"HTTP/1.1 ", b"200", b"204", b"100", b" ", b"\r\n", b"\r\n\r\n", b"Content-Length:",
+                     b"content-length: ", b"CONTENT-LENGTH:\t", b"5", b"0", b"12", b"abc", b":", b"\t", b"x"]),
+    max_size=30).map(b"".join)
+
+
+@given(st.one_of(st.binary(max_size=300), _http_like))
+@settings(max_examples=600, deadline=None)
+def test_framing_twins_agree(data: bytes) -> None:
+    """The native framing (C) and the codec's (Python) decide identically."""
+    mod = _native.load("chapi")
+    if mod is None:
+        pytest.skip(f"native chapi not loaded: {_native.reason('chapi')}")
+    assert mod.expected_size(data) == codec.expected_size(data)
+    assert mod.expected_size(bytearray(data)) == codec.expected_size(bytearray(data))
+
+
+HUGE = b"HTTP/1.1 200 \r\nContent-Length: 99999999999\r\n\r\n"  # over MAX_BODY: stop at the head
+
+
+def test_framing_cases() -> None:
+    require_native("chapi")
+    mod = _native.load("chapi")
+    assert mod is not None
+    cases = [(OK_200, len(OK_200)), (NO_CONTENT, len(NO_CONTENT)), (OK_200[:20], -1), (b"", -1),
+             (OK_200[:-3], len(OK_200)), (b"x" * 20000, 20000),
+             (HUGE, len(HUGE))]
+    for data, want in cases:
+        assert codec.expected_size(data) == want, data[:40]
+        assert mod.expected_size(data) == want, data[:40]
+
+
+@pytest.mark.parametrize(("status", "messages", "cls"), [
+    (400, ["Bad Request"], BadRequestError),
+    (404, ["Not Found"], NotFoundError),
+    (404, ["Error from API", "The VM could not boot", "VM config is missing"], VmNotCreatedError),
+    (404, ["Error from API", "The VM info is not available", "VM is not created"], VmNotCreatedError),
+    (409, ["Error from API", "x", "Identifier n0 is not unique"], ConflictError),
+    (429, [], TooManyRequestsError),
+    (500, ["Error from API", "The VM could not be paused", "invalid VM state transition: Paused to Paused"],
+     InvalidStateError),
+    (500, ["Error from API", "The VM could not boot", "VM is already created"], InvalidStateError),
+    (500, ["Error from API", "The VM could not be snapshotted", "Cannot snapshot VM",
+           "Trying to snapshot while VM is running"], InvalidStateError),
+    (500, ["Error from API", "The VM could not boot", "Cannot open the kernel image"], ServerError),
+])
+def test_status_mapping(status: int, messages: list[str], cls: type) -> None:
+    err = status_error("vm.x", status, messages)
+    assert type(err) is cls
+    assert err.status == status and err.messages == messages and err.endpoint == "vm.x"
+    assert all(m in err.message for m in messages)

@@ -1,0 +1,3 @@
+from tests.chsim.simproc import spawn, workdir
+
+__all__ = ["spawn", "workdir"]
