@@ -20,6 +20,7 @@ NATIVE_MODULES: dict[str, str] = {
     "kvm": "nkudo_native.kvm",
     "chapi": "nkudo_native.chapi",
     "sys": "nkudo_native._sys",
+    "pidfd": "nkudo_native._pidfd",
     "netlink": "nkudo_native.netlink",
 }
 
