@@ -24,7 +24,11 @@ def native_probe() -> Callable[[str, list[int], bool], kvm.RawProbe]:
     return mod.probe  # type: ignore[no-any-return]
 
 
-def test_kvm_probe_native_vs_twin(native_probe: Callable[[str, list[int], bool], kvm.RawProbe], benchmark: pytest.FixtureRequest, gate: Callable[..., None]) -> None:
+def test_kvm_probe_native_vs_twin(
+    native_probe: Callable[[str, list[int], bool], kvm.RawProbe],
+    benchmark: pytest.FixtureRequest,
+    gate: Callable[..., None],
+) -> None:
     per = 50
 
     def nat() -> None:
@@ -39,7 +43,10 @@ def test_kvm_probe_native_vs_twin(native_probe: Callable[[str, list[int], bool],
     ratio = res["twin"]["median"] / res["native"]["median"]
     # KVM_CREATE_VM is kernel work (~0.6 ms here) that neither side can speed up: reported, not gated.
     res_vm = interleaved(
-        {"native": lambda: native_probe("/dev/kvm", CAPS, True), "twin": lambda: kvm._probe_py("/dev/kvm", CAPS, True)},
+        {
+            "native": lambda: native_probe("/dev/kvm", CAPS, True),
+            "twin": lambda: kvm._probe_py("/dev/kvm", CAPS, True),
+        },
         rounds=40,
     )
     gate(

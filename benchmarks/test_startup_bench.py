@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.wheel_env import fresh_venv_with_wheel
 
 from benchmarks.conftest import interleaved
-from tests.wheel_env import fresh_venv_with_wheel
 
 ROUNDS = 25
 
@@ -31,7 +31,9 @@ def _runner(argv: list[str]) -> Callable[[], object]:
     return go
 
 
-def test_cli_startup_ratios(wheel_bin: Path, benchmark: pytest.FixtureRequest, gate: Callable[..., None]) -> None:
+def test_cli_startup_ratios(
+    wheel_bin: Path, benchmark: pytest.FixtureRequest, gate: Callable[..., None]
+) -> None:
     py = str(wheel_bin / "python")
     edge = str(wheel_bin / "nkudo-edge")
     res = interleaved(
@@ -70,6 +72,10 @@ def test_fast_commands_do_not_import_heavy_modules(wheel_bin: Path) -> None:
         "print('HEAVY=' + ','.join(heavy))"
     )
     for cmd in (["version"], ["check"]):
-        out = subprocess.run([str(wheel_bin / "python"), "-c", code, *cmd], capture_output=True, text=True, check=False)
-        assert out.stdout.strip().splitlines()[-1] == "HEAVY=", f"{cmd} imported {out.stdout.strip()} {out.stderr}"
+        out = subprocess.run(
+            [str(wheel_bin / "python"), "-c", code, *cmd], capture_output=True, text=True, check=False
+        )
+        assert out.stdout.strip().splitlines()[-1] == "HEAVY=", (
+            f"{cmd} imported {out.stdout.strip()} {out.stderr}"
+        )
     assert sys.version_info >= (3, 11)

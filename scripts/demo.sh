@@ -8,6 +8,7 @@ NS="nkudo-demo-$$"
 WORK="$(mktemp -d /tmp/nkudo-demo.XXXXXX)"
 
 cleanup() {
+    pkill -KILL -f -- "--api-socket path=$WORK/" 2>/dev/null || true
     ip netns del "$NS" 2>/dev/null || true
     rm -rf "$WORK"
 }
@@ -56,4 +57,18 @@ print(f"host {f['hostname']}: {f['os'].get('PRETTY_NAME')}, kernel {f['kernel'][
 print(f"cpu {f['cpu']['model']} x{f['cpu']['count']}, memory {f['memory']['total_bytes'] // 2**20} MiB")
 print(f"kvm usable={f['kvm']['usable']} max_vcpus={f['kvm']['max_vcpus']}; bridges={f['bridges']}")
 PY
-say "done: namespace, bridge and temp files are removed on exit"
+say "nkudo-edge apply examples/lifecycle.json (create, pause, resume, snapshot, stop, start, delete)"
+mkdir -p "$WORK/images"
+printf 'demo kernel\n' > "$WORK/images/vmlinux"
+truncate -s 64M "$WORK/images/rootfs.img"
+sed "s#/var/lib/nkudo-edge/images#$WORK/images#g" examples/lifecycle.json > "$WORK/plan.json"
+in_ns "$BIN/nkudo-edge" --log-level warn --state-dir "$WORK/state" apply --plan "$WORK/plan.json" \
+    --runtime-dir "$WORK/vms" --snapshot-dir "$WORK/snapshots" --image-root "$WORK/images" \
+    --cloud-hypervisor-bin "$CH" --bridge br0
+echo "snapshot files:"; ls -l "$WORK/snapshots/web-1/first"
+echo "applying the same plan again returns the recorded results without re-running anything:"
+in_ns "$BIN/nkudo-edge" --log-level warn --state-dir "$WORK/state" apply --plan "$WORK/plan.json" \
+    --runtime-dir "$WORK/vms" --snapshot-dir "$WORK/snapshots" --image-root "$WORK/images" \
+    --cloud-hypervisor-bin "$CH" --bridge br0 | head -3
+
+say "done: namespace, bridge, VMMs and temp files are removed on exit"

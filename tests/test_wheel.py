@@ -25,12 +25,25 @@ def test_wheel_in_fresh_venv(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("NKUDO_")}
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    r = subprocess.run([str(bin_dir / "nkudo-edge"), "version", "--json"], capture_output=True, text=True, cwd=outside, env=env, check=True)
+    r = subprocess.run(
+        [str(bin_dir / "nkudo-edge"), "version", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=outside,
+        env=env,
+        check=True,
+    )
     info = json.loads(r.stdout)
     for mod in info["native_modules"]:
         assert mod["native"], mod
         assert str(ROOT) not in str(mod["file"])  # loaded from the venv's site-packages, not the source tree
         assert str(tmp_path / "venv") in str(mod["file"])
-    r = subprocess.run([str(bin_dir / "nkudo-edge"), "check", "--json", "--skip", "bridge"], capture_output=True, text=True, cwd=outside, env=env)
+    r = subprocess.run(
+        [str(bin_dir / "nkudo-edge"), "check", "--json", "--skip", "bridge"],
+        capture_output=True,
+        text=True,
+        cwd=outside,
+        env=env,
+    )
     assert r.returncode in (0, 1)
     assert {c["id"] for c in json.loads(r.stdout)["checks"]} >= {"kvm", "state_dir", "pidfd"}

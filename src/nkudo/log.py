@@ -48,7 +48,8 @@ def is_secret_field(name: str) -> bool:
 
 
 def _redact(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("[redacted]" if is_secret_field(k) else v) for k, v in fields.items()}
+    """Drop empty (None) context fields and hide secret-looking ones."""
+    return {k: ("[redacted]" if is_secret_field(k) else v) for k, v in fields.items() if v is not None}
 
 
 def _install_handler() -> logging.Logger:

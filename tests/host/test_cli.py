@@ -17,7 +17,9 @@ from nkudo.host.checks import CHECK_IDS
 EDGE = str(Path(sys.executable).parent / "nkudo-edge")
 
 
-def run(*args: str, netns: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, netns: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     argv = [EDGE, *args]
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
@@ -98,7 +100,11 @@ def test_bridge_failures(netns_name: str, setup: str) -> None:
     assert rc == 1
     b = checks["bridge"]
     assert b["status"] == "fail"
-    expected = {"absent": "no interface named br0", "down": "bridge br0 is down", "not-a-bridge": "not a bridge"}
+    expected = {
+        "absent": "no interface named br0",
+        "down": "bridge br0 is down",
+        "not-a-bridge": "not a bridge",
+    }
     assert expected[setup] in str(b["detail"])
     assert b["remedy"]
 
@@ -121,7 +127,9 @@ def test_read_only_state_dir_fails(tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     script = f"mount -t tmpfs -o ro tmpfs {ro} && exec {EDGE} --state-dir {ro} check --json --skip kvm"
-    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True, text=True)
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True, text=True
+    )
     checks = {c["id"]: c for c in json.loads(r.stdout)["checks"]}
     assert r.returncode == 1
     assert checks["state_dir"]["status"] == "fail"
@@ -133,7 +141,6 @@ def test_state_dir_warnings(tmp_path: Path) -> None:
     d = tmp_path / "state"
     d.mkdir(mode=0o777)
     d.chmod(0o777)
-    rc, checks = check_json("--skip", "bridge")
     r = run("--state-dir", str(d), "check", "--json")
     checks = {c["id"]: c for c in json.loads(r.stdout)["checks"]}
     assert checks["state_dir"]["status"] == "warn"
@@ -160,10 +167,12 @@ def test_cloud_hypervisor_versions(tmp_path: Path, script: str, needle: str) -> 
     p.write_text(f"#!/bin/sh\n{script}\n")
     p.chmod(0o755)
     rc, checks = check_json("--cloud-hypervisor-bin", str(p))
+    assert rc == 1
     assert checks["cloud_hypervisor"]["status"] == "fail"
     assert needle in str(checks["cloud_hypervisor"]["detail"])
     p.chmod(stat.S_IRUSR)
     rc, checks = check_json("--cloud-hypervisor-bin", str(p))
+    assert rc == 1
     assert "not found or not executable" in str(checks["cloud_hypervisor"]["detail"])
 
 
@@ -184,7 +193,9 @@ def test_netbird_enabled_but_missing_fails() -> None:
 def test_skip_and_env_vars(netns_name: str) -> None:
     ip(netns_name, "link", "add", "brx", "type", "bridge")
     ip(netns_name, "link", "set", "brx", "up")
-    r = run("check", "--json", "--skip", "kvm", "--skip", "disk", netns=netns_name, env={"NKUDO_BRIDGE": "brx"})
+    r = run(
+        "check", "--json", "--skip", "kvm", "--skip", "disk", netns=netns_name, env={"NKUDO_BRIDGE": "brx"}
+    )
     checks = {c["id"]: c for c in json.loads(r.stdout)["checks"]}
     assert checks["kvm"]["status"] == "skip" and checks["disk"]["status"] == "skip"
     assert checks["bridge"]["status"] == "pass"
@@ -229,7 +240,9 @@ def test_version_reports_native_and_twin() -> None:
     assert info["version"] and info["kernel"]["sysname"] == "Linux"
     r = run("version", "--json", env={"NKUDO_NATIVE": "0"})
     info = json.loads(r.stdout)
-    assert all(not m["native"] and m["reason"] == "disabled by NKUDO_NATIVE=0" for m in info["native_modules"])
+    assert all(
+        not m["native"] and m["reason"] == "disabled by NKUDO_NATIVE=0" for m in info["native_modules"]
+    )
     text = run("version", env={"NKUDO_NATIVE": "0"}).stdout
     assert "twin" in text and "kvm" in text
 
@@ -254,7 +267,20 @@ def test_hostfacts_sees_bridge_in_netns(netns_name: str) -> None:
     r = run("hostfacts", netns=netns_name)
     assert r.returncode == 0, r.stderr
     facts = json.loads(r.stdout)
-    for key in ("hostname", "os", "kernel", "arch", "cpu", "memory", "disks", "kvm", "interfaces", "bridges", "cgroup", "agent_version"):
+    for key in (
+        "hostname",
+        "os",
+        "kernel",
+        "arch",
+        "cpu",
+        "memory",
+        "disks",
+        "kvm",
+        "interfaces",
+        "bridges",
+        "cgroup",
+        "agent_version",
+    ):
         assert key in facts
     assert facts["bridges"] == ["brf"]
     ifs = {i["name"]: i for i in facts["interfaces"]}

@@ -111,7 +111,9 @@ def test_permission_denied_is_explained(tmp_path: Path) -> None:
     st = os.stat("/dev/kvm") if os.path.exists("/dev/kvm") else None
     if st is None or st.st_mode & 0o006:
         pytest.skip("/dev/kvm missing or world-accessible on this host")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[0] == "False"
     assert "permission denied" in out[1]
     assert "kvm" in out[2]

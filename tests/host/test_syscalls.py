@@ -32,7 +32,11 @@ def test_pidfd_open_errors_agree() -> None:
     require_native("sys")
     p = subprocess.Popen(["true"])
     p.wait()  # reaped: the pid no longer exists
-    for pid, flags, expected in ((p.pid, 0, errno.ESRCH), (os.getpid(), 0x7FFF0000, errno.EINVAL), (-5, 0, errno.EINVAL)):
+    for pid, flags, expected in (
+        (p.pid, 0, errno.ESRCH),
+        (os.getpid(), 0x7FFF0000, errno.EINVAL),
+        (-5, 0, errno.EINVAL),
+    ):
         assert syscalls.pidfd_open(pid, flags, native=True) == -expected
         assert syscalls.pidfd_open(pid, flags, native=False) == -expected
 

@@ -43,6 +43,8 @@ def _click_option(o: options.Opt) -> Callable[[Any], Any]:
         kw["type"] = click.Choice(o.choices)
     else:
         kw["type"] = _SpecType(o)
+    if o.required:
+        return click.option(o.flag, o.name, required=True, multiple=o.multiple, **kw)
     return click.option(o.flag, o.name, default=o.default, multiple=o.multiple, **kw)
 
 
@@ -80,6 +82,10 @@ _command(
     "Preflight: check that this host can run microVMs. Exit 0 when nothing failed (warnings allowed), 1 otherwise.",
 )
 _command("hostfacts", "Print the host facts sent with each heartbeat, as JSON.")
+_command(
+    "apply",
+    "Run a plan locally (no control plane): one line per action. Exit 0 only if every action succeeded.",
+)
 
 
 def run(argv: list[str]) -> int:

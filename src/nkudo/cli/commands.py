@@ -115,3 +115,84 @@ def run_hostfacts(p: dict[str, Any]) -> int:
 
 
 RUNNERS = {"version": run_version, "check": run_check, "hostfacts": run_hostfacts}
+
+
+def _load_plan(spec: str) -> Any:
+    import json
+
+    from nkudo.errors import ValidationError
+
+    try:
+        if spec == "-":
+            text = sys.stdin.read()
+        else:
+            with open(spec, encoding="utf-8") as f:
+                text = f.read(16 * 1024 * 1024 + 1)
+    except OSError as exc:
+        raise ValidationError(f"cannot read plan {spec!r}: {exc.strerror}", field="plan") from None
+    if len(text) > 16 * 1024 * 1024:
+        raise ValidationError("plan is larger than 16 MiB", field="plan")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValidationError(f"plan {spec!r} is not valid JSON: {exc}", field="plan") from None
+
+
+def run_apply(p: dict[str, Any]) -> int:
+    from nkudo.agent.plan import parse_plan
+    from nkudo.agent.runtime import Agent, AgentConfig
+    from nkudo.errors import NkudoError
+
+    try:
+        doc = _load_plan(p["plan"])
+        plan_id, actions = parse_plan(doc)
+        agent = Agent(
+            AgentConfig(
+                state_dir=p["state_dir"],
+                runtime_dir=p["runtime_dir"],
+                snapshot_dir=p["snapshot_dir"],
+                image_roots=tuple(p["image_root"]),
+                cloud_hypervisor_bin=p["cloud_hypervisor_bin"],
+                bridge=p["bridge"],
+                exec_allow=tuple(p["exec_allow"]),
+                net_backend=p["net_backend"],
+            )
+        )
+    except NkudoError as exc:
+        if p.get("json"):
+            print_json({"ok": False, "error": exc.to_dict()})
+        else:
+            sys.stderr.write(f"nkudo-edge: error: {exc.code}: {exc.message}\n")
+        return 1
+    try:
+        agent.reconcile()
+        if any(a.vm_id for a in actions if a.type == "MicroVMCreate"):
+            agent.network.ensure_bridge(p["bridge"])  # type: ignore[attr-defined]
+        outcomes = agent.executor.run_plan(actions)
+    except NkudoError as exc:
+        if p.get("json"):
+            print_json({"ok": False, "error": exc.to_dict()})
+        else:
+            sys.stderr.write(f"nkudo-edge: error: {exc.code}: {exc.message}\n")
+        return 1
+    finally:
+        agent.close()
+    ok = all(o.ok for o in outcomes)
+    if p.get("json"):
+        print_json({"ok": ok, "plan_id": plan_id, "outcomes": [o.to_dict() for o in outcomes]})
+        return 0 if ok else 1
+    colour = use_colour(sys.stdout)
+    for o in outcomes:
+        mark = {"SUCCEEDED": paint("✓", "green", colour), "NOT_RUN": paint("-", "dim", colour)}.get(
+            o.status, paint("✗", "red", colour)
+        )
+        dur = f" {o.duration:.3f}s" if o.duration is not None else ""
+        extra = " (recorded result)" if o.replayed else ""
+        line = f"{mark} {o.action_id} {o.type}{' ' + o.vm_id if o.vm_id else ''} {o.status}{dur}{extra}"
+        if o.error_code:
+            line += f": {o.error_code}: {o.error_message}"
+        sys.stdout.write(line + "\n")
+    return 0 if ok else 1
+
+
+RUNNERS["apply"] = run_apply

@@ -19,7 +19,18 @@ if TYPE_CHECKING:
 
 
 class Opt:
-    __slots__ = ("choices", "default", "envvar", "flag", "help", "is_flag", "kind", "multiple", "name")
+    __slots__ = (
+        "choices",
+        "default",
+        "envvar",
+        "flag",
+        "help",
+        "is_flag",
+        "kind",
+        "multiple",
+        "name",
+        "required",
+    )
 
     def __init__(
         self,
@@ -31,6 +42,7 @@ class Opt:
         kind: str = "str",
         is_flag: bool = False,
         multiple: bool = False,
+        required: bool = False,
         help: str = "",
     ) -> None:
         self.flag = flag
@@ -41,6 +53,7 @@ class Opt:
         self.kind = kind
         self.is_flag = is_flag
         self.multiple = multiple
+        self.required = required
         self.help = help
 
 
@@ -152,6 +165,60 @@ COMMAND_OPTS["hostfacts"] = (
         envvar="NKUDO_KVM_DEVICE",
         kind="path",
         help="KVM device to probe.",
+    ),
+)
+
+COMMAND_OPTS["apply"] = (
+    JSON_OPT,
+    Opt("--plan", required=True, kind="str", help="Plan file (JSON), or - for standard input."),
+    Opt(
+        "--runtime-dir",
+        default="/var/lib/nkudo-edge/vms",
+        envvar="NKUDO_RUNTIME_DIR",
+        kind="path",
+        help="VM runtime directory.",
+    ),
+    Opt(
+        "--snapshot-dir",
+        default="/var/lib/nkudo-edge/snapshots",
+        envvar="NKUDO_SNAPSHOT_DIR",
+        kind="path",
+        help="Snapshot directory.",
+    ),
+    Opt(
+        "--image-root",
+        multiple=True,
+        default=("/var/lib/nkudo-edge/images",),
+        envvar="NKUDO_IMAGE_ROOT",
+        kind="path",
+        help="Directory plans may take kernels, firmware and images from (repeatable).",
+    ),
+    Opt(
+        "--cloud-hypervisor-bin",
+        default="cloud-hypervisor",
+        envvar="NKUDO_CLOUD_HYPERVISOR_BIN",
+        help="Cloud Hypervisor binary (nkudo-ch-sim to simulate).",
+    ),
+    Opt(
+        "--bridge",
+        default="br0",
+        envvar="NKUDO_BRIDGE",
+        kind="ifname",
+        help="Bridge that must exist before VMs are created.",
+    ),
+    Opt(
+        "--exec-allow",
+        multiple=True,
+        default=(),
+        kind="path",
+        help="Executable CommandExecute may run (absolute path, repeatable).",
+    ),
+    Opt(
+        "--net-backend",
+        default="auto",
+        envvar="NKUDO_NET_BACKEND",
+        choices=("auto", "native", "twin", "pyroute2"),
+        help="Netlink backend for bridges and TAPs.",
     ),
 )
 

@@ -1,0 +1,1 @@
+"""The edge agent: plans, executor, durable state, providers (hypervisor adapters)."""

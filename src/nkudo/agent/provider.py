@@ -1,0 +1,91 @@
+"""The hypervisor port: what the VM handlers need from a VMM, and nothing more.
+
+A second hypervisor (QEMU, Firecracker) is one new adapter implementing
+:class:`Provider`; handlers, executor, state and networking stay as they are.
+The adapter owns its process (spawn, adopt, stop) and its control channel;
+the handlers own desired state, files, TAPs and the state store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nkudo.vmstate import VmStatus
+
+
+@dataclass
+class VmPaths:
+    """Files of one VM, all inside its runtime directory."""
+
+    runtime_dir: str
+    api_socket: str
+    vmm_log: str
+    console_log: str
+    rootfs: str | None
+    seed_iso: str | None
+
+
+@dataclass
+class NicPlan:
+    tap: str
+    mac: str
+    bridge: str
+
+
+@dataclass
+class LaunchSpec:
+    """Everything a provider needs to start a VM, resolved and validated by the handlers."""
+
+    vm_id: str
+    vcpus: int
+    memory_mib: int
+    kernel_path: str | None
+    firmware_path: str | None
+    initramfs_path: str | None
+    cmdline: str | None
+    disks: list[tuple[str, bool]] = field(default_factory=list)  # (path, readonly)
+    nics: list[NicPlan] = field(default_factory=list)
+
+
+class Provider(Protocol):
+    name: str
+
+    def launch(
+        self,
+        spec: LaunchSpec,
+        paths: VmPaths,
+        *,
+        timeout: float,
+        on_spawned: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Start the VMM and hand it the VM config (not booted). Return the process identity record.
+
+        ``on_spawned(record)`` is called as soon as the process exists, before it is configured,
+        so the caller can persist it: a crash after that point never leaves an unknown VMM.
+        """
+
+    def is_alive(self, process: dict[str, Any] | None) -> bool:
+        """Whether the recorded VMM process still exists (identity-checked)."""
+
+    def state(self, paths: VmPaths, *, timeout: float) -> VmStatus | None:
+        """The VM state the VMM reports, or None when the VMM does not answer."""
+
+    def boot(self, paths: VmPaths, *, timeout: float) -> None: ...
+
+    def pause(self, paths: VmPaths, *, timeout: float) -> None: ...
+
+    def resume(self, paths: VmPaths, *, timeout: float) -> None: ...
+
+    def snapshot(self, paths: VmPaths, dest_dir: str, *, timeout: float) -> None: ...
+
+    def stop(
+        self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
+    ) -> str:
+        """Power the VM off and end the VMM; return how ("guest", "api", "signal", "already")."""
+
+    def watch(self, process: dict[str, Any]) -> bool:
+        """Supervise a running VMM found at start-up; unrequested exits go to the agent's callback."""
+
+    def close(self) -> None: ...

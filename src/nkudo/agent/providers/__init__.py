@@ -1,0 +1,1 @@
+"""Hypervisor adapters implementing :class:`nkudo.agent.provider.Provider`."""

@@ -1,0 +1,299 @@
+"""Durable agent state in SQLite (standard library): VMs, action results, identity.
+
+Why SQLite: every write is one transaction, atomic and durable (WAL with
+``synchronous=FULL``), so an agent killed with SIGKILL at any instant restarts
+with consistent state. The executor's idempotency rests on the ``actions``
+table: a row is inserted (state RUNNING) *before* an action's first side
+effect and completed after its last, so a restart can tell "never started",
+"interrupted" and "finished" apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from nkudo.vmstate import VmStatus
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vms (
+    vm_id       TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    process     TEXT,
+    taps        TEXT NOT NULL DEFAULT '[]',
+    runtime_dir TEXT NOT NULL,
+    last_error  TEXT,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS actions (
+    action_id     TEXT PRIMARY KEY,
+    params_hash   TEXT NOT NULL,
+    type          TEXT NOT NULL,
+    vm_id         TEXT,
+    execution_id  TEXT,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 1,
+    started_at    REAL NOT NULL,
+    ended_at      REAL,
+    error_code    TEXT,
+    error_message TEXT,
+    result        TEXT,
+    logs          TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS actions_vm ON actions(vm_id);
+"""
+
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT"})
+
+
+class VmRecord:
+    __slots__ = (
+        "created_at",
+        "last_error",
+        "name",
+        "process",
+        "runtime_dir",
+        "spec",
+        "status",
+        "taps",
+        "updated_at",
+        "vm_id",
+    )
+
+    def __init__(self, row: sqlite3.Row) -> None:
+        self.vm_id: str = row["vm_id"]
+        self.name: str = row["name"]
+        self.spec: dict[str, Any] = json.loads(row["spec"])
+        self.status = VmStatus(row["status"])
+        self.process: dict[str, Any] | None = json.loads(row["process"]) if row["process"] else None
+        self.taps: list[str] = json.loads(row["taps"])
+        self.runtime_dir: str = row["runtime_dir"]
+        self.last_error: str | None = row["last_error"]
+        self.created_at: float = row["created_at"]
+        self.updated_at: float = row["updated_at"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(getattr(self, k)) if k == "status" else getattr(self, k)) for k in self.__slots__}
+
+
+class ActionRecord:
+    __slots__ = (
+        "action_id",
+        "attempts",
+        "ended_at",
+        "error_code",
+        "error_message",
+        "execution_id",
+        "logs",
+        "params_hash",
+        "result",
+        "started_at",
+        "state",
+        "type",
+        "vm_id",
+    )
+
+    def __init__(self, row: sqlite3.Row) -> None:
+        self.action_id: str = row["action_id"]
+        self.params_hash: str = row["params_hash"]
+        self.type: str = row["type"]
+        self.vm_id: str | None = row["vm_id"]
+        self.execution_id: str | None = row["execution_id"]
+        self.state: str = row["state"]
+        self.attempts: int = row["attempts"]
+        self.started_at: float = row["started_at"]
+        self.ended_at: float | None = row["ended_at"]
+        self.error_code: str | None = row["error_code"]
+        self.error_message: str | None = row["error_message"]
+        self.result: dict[str, Any] = json.loads(row["result"]) if row["result"] else {}
+        self.logs: list[dict[str, Any]] = json.loads(row["logs"])
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+class StateStore:
+    """One SQLite database per agent (``<state-dir>/agent.db``), safe across threads."""
+
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.path = os.path.join(state_dir, "agent.db")
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        os.chmod(self.path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        (ver,) = self._db.execute("PRAGMA user_version").fetchone()
+        if ver > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"state database {self.path} has schema {ver}, newer than this agent ({SCHEMA_VERSION})"
+            )
+        if ver < SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """An immediate (write-locked) transaction: all or nothing."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    # ----------------------------------------------------------------- meta
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.tx() as c:
+            if value is None:
+                c.execute("DELETE FROM meta WHERE key=?", (key,))
+            else:
+                c.execute(
+                    "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (key, value),
+                )
+
+    # ------------------------------------------------------------------ VMs
+
+    def get_vm(self, vm_id: str) -> VmRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM vms WHERE vm_id=?", (vm_id,)).fetchone()
+        return None if row is None else VmRecord(row)
+
+    def list_vms(self) -> list[VmRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM vms ORDER BY vm_id").fetchall()
+        return [VmRecord(r) for r in rows]
+
+    def insert_vm(
+        self, vm_id: str, name: str, spec: dict[str, Any], runtime_dir: str, status: VmStatus
+    ) -> None:
+        now = time.time()
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO vms(vm_id, name, spec, status, runtime_dir, created_at, updated_at) VALUES(?,?,?,?,?,?,?)",
+                (vm_id, name, json.dumps(spec, sort_keys=True), status.value, runtime_dir, now, now),
+            )
+
+    _UNSET: Any = object()
+
+    def update_vm(
+        self,
+        vm_id: str,
+        *,
+        status: VmStatus | None = None,
+        process: dict[str, Any] | None = _UNSET,
+        taps: list[str] | None = None,
+        spec: dict[str, Any] | None = None,
+        last_error: str | None = _UNSET,
+    ) -> None:
+        sets: list[str] = ["updated_at=?"]
+        args: list[Any] = [time.time()]
+        if status is not None:
+            sets.append("status=?")
+            args.append(status.value)
+        if process is not self._UNSET:
+            sets.append("process=?")
+            args.append(json.dumps(process) if process is not None else None)
+        if taps is not None:
+            sets.append("taps=?")
+            args.append(json.dumps(taps))
+        if spec is not None:
+            sets.append("spec=?")
+            args.append(json.dumps(spec, sort_keys=True))
+        if last_error is not self._UNSET:
+            sets.append("last_error=?")
+            args.append(last_error)
+        args.append(vm_id)
+        with self.tx() as c:
+            c.execute(f"UPDATE vms SET {', '.join(sets)} WHERE vm_id=?", args)  # noqa: S608 - fixed column names
+
+    def delete_vm(self, vm_id: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM vms WHERE vm_id=?", (vm_id,))
+
+    # -------------------------------------------------------------- actions
+
+    def get_action(self, action_id: str) -> ActionRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM actions WHERE action_id=?", (action_id,)).fetchone()
+        return None if row is None else ActionRecord(row)
+
+    def begin_action(
+        self, action_id: str, params_hash: str, type_: str, vm_id: str | None, execution_id: str | None
+    ) -> None:
+        """Record that the action is about to run; a retry after a crash bumps ``attempts``."""
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO actions(action_id, params_hash, type, vm_id, execution_id, state, started_at) "
+                "VALUES(?,?,?,?,?, 'RUNNING', ?) "
+                "ON CONFLICT(action_id) DO UPDATE SET attempts=attempts+1",
+                (action_id, params_hash, type_, vm_id, execution_id, time.time()),
+            )
+
+    def finish_action(
+        self,
+        action_id: str,
+        state: str,
+        *,
+        error_code: str | None,
+        error_message: str | None,
+        result: dict[str, Any],
+        logs: list[dict[str, Any]],
+    ) -> None:
+        if state not in TERMINAL:
+            raise ValueError(f"not a terminal state: {state}")
+        with self.tx() as c:
+            c.execute(
+                "UPDATE actions SET state=?, ended_at=?, error_code=?, error_message=?, result=?, logs=? WHERE action_id=?",
+                (
+                    state,
+                    time.time(),
+                    error_code,
+                    error_message,
+                    json.dumps(result),
+                    json.dumps(logs),
+                    action_id,
+                ),
+            )
+
+    def list_actions(self, *, unfinished_only: bool = False) -> list[ActionRecord]:
+        with self._lock:
+            if unfinished_only:
+                rows = self._db.execute(
+                    "SELECT * FROM actions WHERE state='RUNNING' ORDER BY started_at"
+                ).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM actions ORDER BY started_at").fetchall()
+        return [ActionRecord(r) for r in rows]

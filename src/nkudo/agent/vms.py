@@ -1,0 +1,344 @@
+"""MicroVM action handlers: desired state, files, TAPs and records around a :class:`Provider`.
+
+Every handler converges: run twice (a redelivery, or a re-drive after the
+agent was killed mid-action) it reaches the same end state without a second
+VMM, a second TAP or a second copy of anything. Each step checks what already
+exists before acting, and records progress in the state store as it goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nkudo.agent import paths as P
+from nkudo.agent.disks import clone_image, fsync_dir, write_atomic
+from nkudo.agent.executor import ActionContext
+from nkudo.agent.provider import LaunchSpec, NicPlan, Provider, VmPaths
+from nkudo.agent.state import StateStore, VmRecord
+from nkudo.errors import NkudoError
+from nkudo.vmstate import VmStatus
+from nkudo.wire import actions as A
+from nkudo.wire.codec import convert, to_builtins
+
+
+class NetworkPort(Protocol):
+    def ensure_taps(self, vm_id: str, nics: list[tuple[str, str]]) -> list[NicPlan]:
+        """Create (or re-use our own) TAPs for (bridge, mac) pairs, attached and up."""
+
+    def remove_taps(self, vm_id: str) -> list[str]:
+        """Delete every TAP owned by ``vm_id``; return their names."""
+
+    def owned_taps(self) -> dict[str, str]:
+        """All TAPs carrying the nkudo owner marker: name -> vm_id."""
+
+
+def stable_mac(vm_id: str, index: int) -> str:
+    """A locally administered unicast MAC derived from the VM id (stable across restarts)."""
+    d = hashlib.sha256(f"nkudo:{vm_id}:{index}".encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in d[:5])
+
+
+@dataclass
+class VmConfig:
+    runtime_dir: str
+    snapshot_dir: str
+    image_roots: tuple[str, ...]
+    default_bridge: str = "br0"
+    stop_timeout: float = 20.0
+
+
+class VmService:
+    def __init__(self, store: StateStore, provider: Provider, network: NetworkPort, cfg: VmConfig) -> None:
+        self.store = store
+        self.provider = provider
+        self.network = network
+        self.cfg = cfg
+
+    # ----------------------------------------------------------- helpers
+
+    def handlers(self) -> dict[str, Callable[[ActionContext, Any], dict[str, Any]]]:
+        return {
+            "MicroVMCreate": self.create,
+            "MicroVMStart": self.start,
+            "MicroVMStop": self.stop,
+            "MicroVMDelete": self.delete,
+            "MicroVMPause": self.pause,
+            "MicroVMResume": self.resume,
+            "MicroVMSnapshot": self.snapshot,
+        }
+
+    def paths(self, vm_id: str, *, with_disks: bool = True) -> VmPaths:
+        d = P.safe_join(self.cfg.runtime_dir, vm_id, field="params.vm_id")
+        return VmPaths(
+            runtime_dir=d,
+            api_socket=P.check_socket_path(os.path.join(d, "api.sock")),
+            vmm_log=os.path.join(d, "vmm.log"),
+            console_log=os.path.join(d, "console.log"),
+            rootfs=os.path.join(d, "rootfs.img") if with_disks else None,
+            seed_iso=os.path.join(d, "cloud-init.iso") if with_disks else None,
+        )
+
+    def _vm(self, vm_id: str) -> VmRecord:
+        rec = self.store.get_vm(vm_id)
+        if rec is None:
+            raise NkudoError(
+                f"VM {vm_id!r} does not exist on this host", code="VM_NOT_FOUND", field="params.vm_id"
+            )
+        return rec
+
+    def _launch_spec(self, rec: VmRecord, p: VmPaths) -> LaunchSpec:
+        spec = convert({k: v for k, v in rec.spec.items() if not k.startswith("_")}, A.MicroVMCreate)
+        disks: list[tuple[str, bool]] = []
+        if spec.image_path is not None and p.rootfs:
+            disks.append((p.rootfs, False))
+        for d in spec.disks or []:
+            disks.append((P.within_roots(d.path, self.cfg.image_roots, "params.disks.path"), d.readonly))
+        if spec.cloud_init is not None and p.seed_iso:
+            disks.append((p.seed_iso, True))
+        nics = [
+            NicPlan(tap=t, mac=m, bridge=b)
+            for t, m, b in (tuple(x) for x in rec.spec.get("_nics_resolved", []))
+        ]
+        return LaunchSpec(
+            vm_id=rec.vm_id,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            kernel_path=spec.kernel_path,
+            firmware_path=spec.firmware_path,
+            initramfs_path=spec.initramfs_path,
+            cmdline=spec.cmdline,
+            disks=disks,
+            nics=nics,
+        )
+
+    def _ensure_running_vmm(self, ctx: ActionContext, rec: VmRecord, p: VmPaths, *, boot: bool) -> VmStatus:
+        """Make sure a VMM with our config runs (launch if needed) and, if asked, that the guest runs."""
+        state: VmStatus | None = None
+        if rec.process and self.provider.is_alive(rec.process):
+            state = self.provider.state(p, timeout=min(5.0, max(ctx.remaining(), 0.1)))
+        if state is None:
+            if rec.process:
+                # A recorded VMM that no longer answers: make sure it is gone before starting another.
+                self.provider.stop(p, rec.process, graceful_timeout=0, force=True)
+            ctx.check_deadline("starting the VMM")
+            spec = self._launch_spec(rec, p)
+            process = self.provider.launch(
+                spec,
+                p,
+                timeout=max(ctx.remaining(), 0.1),
+                on_spawned=lambda proc_rec: self.store.update_vm(
+                    rec.vm_id, process=proc_rec, status=VmStatus.CREATING
+                ),
+            )
+            self.store.update_vm(rec.vm_id, process=process, status=VmStatus.CREATED, last_error=None)
+            rec.process = process
+            ctx.log("VMM started", pid=process.get("pid"))
+            state = VmStatus.CREATED
+        if boot and state == VmStatus.CREATED:
+            ctx.check_deadline("booting")
+            self.provider.boot(p, timeout=max(ctx.remaining(), 0.1))
+            state = self.provider.state(p, timeout=min(5.0, max(ctx.remaining(), 0.1)))
+            if state != VmStatus.RUNNING:
+                raise NkudoError(
+                    f"VM {rec.vm_id} did not reach Running after boot (state {state})", code="BOOT_FAILED"
+                )
+            ctx.log("VM booted")
+        if boot and state == VmStatus.PAUSED:
+            pass  # start of a paused VM: leave it paused, the operator asked for Resume semantics elsewhere
+        self.store.update_vm(rec.vm_id, status=state)
+        return state
+
+    def _result(self, rec: VmRecord, status: VmStatus, **extra: Any) -> dict[str, Any]:
+        out = {
+            "vm_id": rec.vm_id,
+            "status": status.value,
+            "pid": (rec.process or {}).get("pid"),
+            "taps": rec.taps,
+        }
+        out.update(extra)
+        return out
+
+    # ---------------------------------------------------------- handlers
+
+    def create(self, ctx: ActionContext, params: A.MicroVMCreate) -> dict[str, Any]:
+        vm_id = params.vm_id
+        p = self.paths(vm_id, with_disks=True)
+        spec = to_builtins(params)
+        spec.pop("start", None)
+        rec = self.store.get_vm(vm_id)
+        if rec is not None:
+            existing = {k: v for k, v in rec.spec.items() if not k.startswith("_")}
+            if existing != spec:
+                raise NkudoError(
+                    f"VM {vm_id!r} already exists with a different specification; delete it first",
+                    code="VM_EXISTS",
+                    field="params.vm_id",
+                )
+        else:
+            # Validate every host path the plan names before anything is created.
+            if params.kernel_path:
+                P.within_roots(params.kernel_path, self.cfg.image_roots, "params.kernel_path")
+            if params.firmware_path:
+                P.within_roots(params.firmware_path, self.cfg.image_roots, "params.firmware_path")
+            if params.initramfs_path:
+                P.within_roots(params.initramfs_path, self.cfg.image_roots, "params.initramfs_path")
+            if params.image_path:
+                P.within_roots(params.image_path, self.cfg.image_roots, "params.image_path")
+            for i, d in enumerate(params.disks or []):
+                P.within_roots(d.path, self.cfg.image_roots, f"params.disks[{i}].path")
+            self.store.insert_vm(vm_id, params.name, spec, p.runtime_dir, VmStatus.CREATING)
+            rec = self._vm(vm_id)
+            ctx.log("VM record created")
+        os.makedirs(p.runtime_dir, mode=0o700, exist_ok=True)
+
+        # Network: deterministic TAP names, owner marker, attached and up.
+        nics = [(n.bridge, n.mac or stable_mac(vm_id, i)) for i, n in enumerate(params.nics)]
+        planned = self.network.ensure_taps(vm_id, nics)
+        taps = [n.tap for n in planned]
+        resolved = [[n.tap, n.mac, n.bridge] for n in planned]
+        if rec.taps != taps or rec.spec.get("_nics_resolved") != resolved:
+            self.store.update_vm(vm_id, taps=taps, spec={**spec, "_nics_resolved": resolved})
+            rec = self._vm(vm_id)
+            ctx.log("TAPs ready", taps=",".join(taps))
+
+        # Disks: clone once (atomic rename means an existing file is complete).
+        if params.image_path and p.rootfs and not os.path.exists(p.rootfs):
+            src = P.within_roots(params.image_path, self.cfg.image_roots, "params.image_path")
+            grow = params.disk_size_gib * 1024**3 if params.disk_size_gib else None
+            method = clone_image(src, p.rootfs, grow)
+            ctx.log("root disk cloned", method=method)
+        if params.cloud_init and p.seed_iso and not os.path.exists(p.seed_iso):
+            from nkudo.agent.seed import write_seed_iso
+
+            n = write_seed_iso(
+                p.seed_iso,
+                params.cloud_init.user_data,
+                params.cloud_init.meta_data,
+                params.cloud_init.network_config,
+            )
+            ctx.log("cloud-init seed written", bytes=n)
+
+        state = self._ensure_running_vmm(ctx, rec, p, boot=params.start)
+        rec = self._vm(vm_id)
+        return self._result(rec, state, runtime_dir=p.runtime_dir, macs=[m for _, m in nics])
+
+    def start(self, ctx: ActionContext, params: A.MicroVMStart) -> dict[str, Any]:
+        rec = self._vm(params.vm_id)
+        p = self.paths(rec.vm_id)
+        if not rec.taps and rec.spec.get("nics"):
+            raise NkudoError(f"VM {rec.vm_id} has no TAPs recorded", code="VM_BROKEN")
+        state = self._ensure_running_vmm(ctx, rec, p, boot=True)
+        return self._result(self._vm(rec.vm_id), state)
+
+    def stop(self, ctx: ActionContext, params: A.MicroVMStop) -> dict[str, Any]:
+        rec = self._vm(params.vm_id)
+        p = self.paths(rec.vm_id)
+        how = "already"
+        if rec.process and self.provider.is_alive(rec.process):
+            how = self.provider.stop(
+                p,
+                rec.process,
+                graceful_timeout=0
+                if params.force
+                else min(self.cfg.stop_timeout, max(ctx.remaining() / 2, 0.1)),
+                force=params.force,
+            )
+        self.store.update_vm(rec.vm_id, status=VmStatus.STOPPED, process=None)
+        ctx.log("VM stopped", how=how)
+        return self._result(self._vm(rec.vm_id), VmStatus.STOPPED, stopped_by=how)
+
+    def delete(self, ctx: ActionContext, params: A.MicroVMDelete) -> dict[str, Any]:
+        rec = self.store.get_vm(params.vm_id)
+        p = self.paths(params.vm_id)
+        if rec is not None and rec.process and self.provider.is_alive(rec.process):
+            self.provider.stop(p, rec.process, graceful_timeout=0, force=True)
+            self.store.update_vm(rec.vm_id, status=VmStatus.STOPPED, process=None)
+        removed = self.network.remove_taps(params.vm_id)
+        if os.path.isdir(p.runtime_dir):
+            shutil.rmtree(p.runtime_dir)
+            fsync_dir(self.cfg.runtime_dir)
+        if rec is not None:
+            self.store.delete_vm(params.vm_id)
+        ctx.log("VM deleted", taps_removed=",".join(removed))
+        return {
+            "vm_id": params.vm_id,
+            "status": VmStatus.DELETED.value,
+            "taps_removed": removed,
+            "existed": rec is not None,
+        }
+
+    def _require_vmm(self, rec: VmRecord) -> VmPaths:
+        if not rec.process or not self.provider.is_alive(rec.process):
+            raise NkudoError(f"VM {rec.vm_id} is not running (status {rec.status})", code="VM_NOT_RUNNING")
+        return self.paths(rec.vm_id)
+
+    def pause(self, ctx: ActionContext, params: A.MicroVMPause) -> dict[str, Any]:
+        rec = self._vm(params.vm_id)
+        p = self._require_vmm(rec)
+        state = self.provider.state(p, timeout=5.0)
+        if state == VmStatus.RUNNING:
+            self.provider.pause(p, timeout=max(ctx.remaining(), 0.1))
+            state = VmStatus.PAUSED
+        elif state != VmStatus.PAUSED:
+            raise NkudoError(f"VM {rec.vm_id} cannot be paused in state {state}", code="INVALID_STATE")
+        self.store.update_vm(rec.vm_id, status=VmStatus.PAUSED)
+        return self._result(rec, VmStatus.PAUSED)
+
+    def resume(self, ctx: ActionContext, params: A.MicroVMResume) -> dict[str, Any]:
+        rec = self._vm(params.vm_id)
+        p = self._require_vmm(rec)
+        state = self.provider.state(p, timeout=5.0)
+        if state == VmStatus.PAUSED:
+            self.provider.resume(p, timeout=max(ctx.remaining(), 0.1))
+        elif state != VmStatus.RUNNING:
+            raise NkudoError(f"VM {rec.vm_id} cannot be resumed in state {state}", code="INVALID_STATE")
+        self.store.update_vm(rec.vm_id, status=VmStatus.RUNNING)
+        return self._result(rec, VmStatus.RUNNING)
+
+    def snapshot(self, ctx: ActionContext, params: A.MicroVMSnapshot) -> dict[str, Any]:
+        rec = self._vm(params.vm_id)
+        dest = P.safe_join(
+            self.cfg.snapshot_dir, rec.vm_id, params.snapshot_name, field="params.snapshot_name"
+        )
+        marker = os.path.join(dest, ".nkudo-complete")
+        if os.path.exists(marker):  # a re-drive after the snapshot completed
+            return {"vm_id": rec.vm_id, "snapshot_dir": dest, "files": _listing(dest)}
+        p = self._require_vmm(rec)
+        state = self.provider.state(p, timeout=5.0)
+        if os.path.isdir(dest):
+            if ctx.attempt == 1:
+                raise NkudoError(
+                    f"snapshot {params.snapshot_name!r} of VM {rec.vm_id} already exists",
+                    code="SNAPSHOT_EXISTS",
+                )
+            shutil.rmtree(dest)  # an interrupted earlier attempt of this very action
+        os.makedirs(dest, mode=0o700)
+        was_running = state == VmStatus.RUNNING
+        if was_running:
+            self.provider.pause(p, timeout=30.0)
+            ctx.log("paused for snapshot")
+        elif state != VmStatus.PAUSED:
+            raise NkudoError(f"VM {rec.vm_id} cannot be snapshotted in state {state}", code="INVALID_STATE")
+        try:
+            self.provider.snapshot(p, dest, timeout=max(ctx.remaining(), 1.0))
+        finally:
+            if was_running:
+                self.provider.resume(p, timeout=30.0)
+                ctx.log("resumed after snapshot")
+        write_atomic(marker, b"")
+        files = _listing(dest)
+        ctx.log("snapshot written", files=len(files))
+        return {"vm_id": rec.vm_id, "snapshot_dir": dest, "files": files, "resumed": was_running}
+
+
+def _listing(d: str) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "size_bytes": os.path.getsize(os.path.join(d, n))}
+        for n in sorted(os.listdir(d))
+        if not n.startswith(".")
+    ]

@@ -1,0 +1,213 @@
+"""Agent <-> control plane messages (enroll, heartbeat, plans, results, logs, renew).
+
+Field names keep the Go original's JSON names where they were sound
+(``enrollment_token``, ``csr_pem``, ``next_heartbeat_seconds``,
+``pending_plans``, ``client_certificate_pem``...). Every struct forbids unknown
+fields so that a mistyped field is a 400 that names it, not silently dropped
+data; lists and strings are bounded so a single request cannot make the control
+plane hold unbounded memory.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from nkudo.wire.actions import IDENT_PATTERN, Ident
+
+UUID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+Uuid = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
+Short = Annotated[str, msgspec.Meta(max_length=256)]
+Hostname = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")]
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+Pem = Annotated[str, msgspec.Meta(min_length=1, max_length=16 * 1024)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+Message = Annotated[str, msgspec.Meta(max_length=8192)]
+ErrorCode = Annotated[str, msgspec.Meta(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")]
+
+VMState = Literal["CREATING", "RUNNING", "STOPPED", "PAUSED", "ERROR", "DELETED", "UNKNOWN"]
+ResultStatus = Literal["SUCCEEDED", "FAILED", "TIMED_OUT"]
+LogLevel = Literal["DEBUG", "INFO", "WARN", "ERROR"]
+
+MAX_VMS_PER_HEARTBEAT: Final = 1000
+MAX_LOG_LINES: Final = 1000
+MAX_RESULTS: Final = 256
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    pass
+
+
+# --- enroll -------------------------------------------------------------------
+
+
+class HostFingerprint(_Strict):
+    machine_id_sha256: Sha256Hex | None = None
+    bios_uuid_sha256: Sha256Hex | None = None
+    primary_mac_sha256: Sha256Hex | None = None
+
+
+class EnrollRequest(_Strict):
+    enrollment_token: Token
+    csr_pem: Pem
+    hostname: Hostname
+    host_fingerprint: HostFingerprint = msgspec.field(default_factory=HostFingerprint)
+    agent_version: Short = ""
+    os: Short = "linux"
+    arch: Short = "amd64"
+    kernel_version: Short = ""
+    labels: Annotated[dict[Short, Short], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=dict)
+
+
+class EnrollResponse(_Strict):
+    agent_id: str
+    tenant_id: str
+    site_id: str
+    host_id: str
+    client_certificate_pem: str
+    ca_certificate_pem: str
+    refresh_token: str
+    certificate_expires_at: datetime
+    heartbeat_interval_seconds: int
+    heartbeat_endpoint: str = "/v1/heartbeat"
+
+
+# --- heartbeat ----------------------------------------------------------------
+
+
+class Disk(_Strict):
+    mountpoint: Annotated[str, msgspec.Meta(max_length=4096)]
+    total_bytes: Count = 0
+    free_bytes: Count = 0
+
+
+class HostFacts(_Strict):
+    cpu_cores: Annotated[int, msgspec.Meta(ge=0, le=65536)] = 0
+    memory_total_bytes: Count = 0
+    storage_total_bytes: Count = 0
+    disks: Annotated[list[Disk], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
+    os: Short = ""
+    arch: Short = ""
+    kernel: Short = ""
+    kvm_available: bool = False
+    cloud_hypervisor_available: bool = False
+    hostname: Hostname | None = None
+
+
+class VMSummary(_Strict):
+    vm_id: Ident
+    state: VMState
+    name: Annotated[str, msgspec.Meta(pattern=IDENT_PATTERN)] | None = None
+    vcpus: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    memory_mib: Annotated[int, msgspec.Meta(ge=0, le=4 * 1024 * 1024)] = 0
+
+
+class ExecutionProgress(_Strict):
+    execution_id: Uuid
+    state: Literal["RUNNING"] = "RUNNING"
+    message: Message = ""
+
+
+class HeartbeatRequest(_Strict):
+    heartbeat_seq: Count = 0
+    agent_version: Short = ""
+    host_facts: HostFacts | None = None
+    vms: Annotated[list[VMSummary], msgspec.Meta(max_length=MAX_VMS_PER_HEARTBEAT)] = msgspec.field(
+        default_factory=list
+    )
+    execution_updates: Annotated[list[ExecutionProgress], msgspec.Meta(max_length=MAX_RESULTS)] = msgspec.field(
+        default_factory=list
+    )
+    sent_at: datetime | None = None
+
+
+class LeasedAction(_Strict):
+    execution_id: str
+    action_id: str
+    type: str
+    params: dict[str, Any]
+    timeout_seconds: int
+
+
+class LeasedPlan(_Strict):
+    plan_id: str
+    site_id: str
+    lease_expires_at: datetime
+    actions: list[LeasedAction]
+
+
+class HeartbeatResponse(_Strict):
+    next_heartbeat_seconds: int
+    pending_plans: list[LeasedPlan]
+    rotate_certificate: bool = False
+
+
+class PlansNextResponse(_Strict):
+    plans: list[LeasedPlan]
+
+
+# --- results and logs ---------------------------------------------------------
+
+
+class ActionResult(_Strict):
+    execution_id: Uuid
+    status: ResultStatus
+    action_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    error_code: ErrorCode | None = None
+    message: Message = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ResultReport(_Strict):
+    results: Annotated[list[ActionResult], msgspec.Meta(min_length=1, max_length=MAX_RESULTS)]
+    plan_id: Uuid | None = None
+
+
+class ResultOutcome(_Strict):
+    execution_id: str
+    outcome: Literal["accepted", "duplicate", "rejected"]
+    code: str | None = None
+
+
+class ResultResponse(_Strict):
+    results: list[ResultOutcome]
+
+
+class LogLine(_Strict):
+    seq: Count
+    message: Message
+    level: LogLevel = "INFO"
+    ts: datetime | None = None
+
+
+class LogBatch(_Strict):
+    execution_id: Uuid
+    lines: Annotated[list[LogLine], msgspec.Meta(min_length=1, max_length=MAX_LOG_LINES)]
+
+
+class LogBatchResponse(_Strict):
+    accepted: int
+    dropped: int
+
+
+# --- lifecycle ----------------------------------------------------------------
+
+
+class UnenrollRequest(_Strict):
+    reason: Literal["decommissioned", "compromised", "reinstall", "other"] = "decommissioned"
+
+
+class RenewRequest(_Strict):
+    csr_pem: Pem
+    refresh_token: Token
+
+
+class RenewResponse(_Strict):
+    client_certificate_pem: str
+    ca_certificate_pem: str
+    refresh_token: str
+    certificate_expires_at: datetime
