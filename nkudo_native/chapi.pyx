@@ -103,6 +103,72 @@ cdef extern from *:
     }
 
     /* Returns 0 and a malloc'd buffer, or an errno with *stage set. */
+    static int nk_tchar(unsigned char c) {
+        if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return 1;
+        return c != 0 && strchr("!#$%&'*+.^_`|~-", c) != NULL;
+    }
+    static int nk_vchar(unsigned char c) { return c == '\\t' || (c >= 0x20 && c <= 0x7e); }
+
+    /* Fast path of nkudo.chapi.codec.parse_response for well-formed responses.
+       Returns 1 and fills the outputs only when the Python parser would accept the
+       input with exactly this result; returns 0 on anything else (the caller then
+       runs the Python parser, which gives the authoritative error). */
+    static int nk_parse(const unsigned char *b, size_t n, int *status, size_t *reason_off, size_t *reason_len,
+                        size_t *block_off, size_t *block_len, size_t *body_off) {
+        const unsigned char *p = memmem(b, n, "\\r\\n\\r\\n", 4);
+        if (p == NULL) return 0;
+        size_t h = (size_t)(p - b);
+        if (h + 4 > NK_MAX_HEAD) return 0;
+        if (h < 12 || memcmp(b, "HTTP/1.", 7) != 0 || (b[7] != '1' && b[7] != '0') || b[8] != ' ') return 0;
+        if (b[9] < '1' || b[9] > '9' || b[10] < '0' || b[10] > '9' || b[11] < '0' || b[11] > '9') return 0;
+        int st = (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
+        size_t i = 12, r0 = 12, r1 = 12;
+        if (b[i] == ' ') {
+            r0 = ++i;
+            while (i < h && nk_vchar(b[i])) i++;
+            r1 = i;
+        }
+        if (b[i] != '\\r' || b[i + 1] != '\\n') return 0;  /* i <= h: the status line ends at the first CRLF */
+        i += 2;                                   /* start of the header block */
+        size_t blk = i, end = h + 2;
+        long long length = -1;
+        while (i < end) {                         /* each line: token ':' vchar* CRLF */
+            size_t name = i;
+            while (i < end && nk_tchar(b[i])) i++;
+            if (i == name || i >= end || b[i] != ':') return 0;
+            size_t nlen = i - name;
+            i++;
+            size_t v = i;
+            while (i < end && nk_vchar(b[i])) i++;
+            if (i >= end || b[i] != '\\r' || b[i + 1] != '\\n') return 0;
+            size_t ve = i;
+            i += 2;
+            if (nlen == 17 && strncasecmp((const char *)b + name, "transfer-encoding", 17) == 0) return 0;
+            if (nlen == 14 && strncasecmp((const char *)b + name, "content-length", 14) == 0) {
+                if (length >= 0) return 0;        /* repeated: leave it to the Python parser */
+                while (v < ve && (b[v] == ' ' || b[v] == '\\t')) v++;
+                while (ve > v && (b[ve - 1] == ' ' || b[ve - 1] == '\\t')) ve--;
+                if (ve == v || ve - v > 18) return 0;
+                long long val = 0;
+                for (size_t k = v; k < ve; k++) {
+                    if (b[k] < '0' || b[k] > '9') return 0;
+                    val = val * 10 + (b[k] - '0');
+                }
+                length = val;
+            }
+        }
+        if (st < 200) return 0;
+        if (length < 0) {
+            if (st != 204) return 0;
+            length = 0;
+        } else if (st == 204 && length != 0) return 0;
+        if (length > NK_MAX_BODY) return 0;
+        if ((long long)(n - (h + 4)) != length) return 0;
+        *status = st; *reason_off = r0; *reason_len = r1 - r0;
+        *block_off = blk; *block_len = end - blk; *body_off = h + 4;
+        return 1;
+    }
+
     static int nk_roundtrip(const char *path, size_t pathlen, const char *req, size_t reqlen,
                             const int *fds, int nfds, double timeout,
                             char **out, size_t *outlen, int *stage) {
@@ -198,6 +264,8 @@ cdef extern from *:
                      const int *fds, int nfds, double timeout,
                      char **out, size_t *outlen, int *stage) nogil
     long long nk_expected(const char *b, size_t n) nogil
+    int nk_parse(const unsigned char *b, size_t n, int *status, size_t *reason_off, size_t *reason_len,
+                 size_t *block_off, size_t *block_len, size_t *body_off) nogil
     int NK_MAX_FDS
 
 cdef extern from "<stdlib.h>" nogil:
@@ -212,6 +280,22 @@ def expected_size(data):
     if view.shape[0] == 0:
         return -1
     return nk_expected(<const char *>&view[0], <size_t>view.shape[0])
+
+
+def parse_fast(bytes data):
+    """``(status, reason, header_block, body)`` of a well-formed response, else None.
+
+    Contract with the Python parser ``nkudo.chapi.codec.parse_response`` (its twin):
+    whenever this returns a tuple, the Python parser accepts ``data`` with exactly
+    these values; on None (malformed or merely unusual input) the caller runs the
+    Python parser, which decides and words every error.
+    """
+    cdef const unsigned char *b = data
+    cdef int status = 0
+    cdef size_t r0 = 0, rl = 0, b0 = 0, bl = 0, body = 0
+    if not nk_parse(b, <size_t>len(data), &status, &r0, &rl, &b0, &bl, &body):
+        return None
+    return (status, data[r0:r0 + rl], data[b0:b0 + bl], data[body:])
 
 
 def roundtrip(bytes path, bytes request, fds, double timeout):

@@ -153,3 +153,54 @@ def test_status_mapping(status: int, messages: list[str], cls: type) -> None:
     assert type(err) is cls
     assert err.status == status and err.messages == messages and err.endpoint == "vm.x"
     assert all(m in err.message for m in messages)
+
+
+_valid_responses = st.builds(
+    lambda status, reason, headers, body, cl_case: (
+        f"HTTP/1.1 {status}{(' ' + reason) if reason is not None else ''}\r\n".encode()
+        + b"".join(f"{n}: {v}\r\n".encode() for n, v in headers)
+        + ((cl_case + f": {len(body)}\r\n").encode() if status != 204 else b"")
+        + b"\r\n"
+        + (body if status != 204 else b"")
+    ),
+    st.sampled_from([200, 204, 400, 404, 500, 101]),
+    st.one_of(st.none(), st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12)),
+    st.lists(st.tuples(st.sampled_from(["Server", "Content-Type", "X-A", "Transfer-Encoding", "content-length"]),
+                       st.text(alphabet="abc 12\t", max_size=8)), max_size=3),
+    st.binary(max_size=40),
+    st.sampled_from(["Content-Length", "content-length", "CONTENT-LENGTH"]),
+)
+
+
+def _outcome(fn: object, data: bytes) -> object:
+    try:
+        r = fn(data)  # type: ignore[operator]
+        return ("ok", r.status, r.reason, r.raw_headers, r.body)
+    except ChProtocolError as exc:
+        return ("error", str(exc))
+
+
+@given(st.one_of(_valid_responses, _valid_responses.map(lambda d: d[:-1]), _valid_responses.map(lambda d: d + b"x"),
+                 _http_like, st.binary(max_size=200)))
+@settings(max_examples=1500, deadline=None)
+def test_native_fast_parse_agrees_with_python_parser(data: bytes) -> None:
+    """Whenever the native fast path answers, the Python parser accepts with the same values;
+    and the public parser gives exactly the Python parser's results and errors."""
+    mod = _native.load("chapi")
+    if mod is None:
+        pytest.skip(f"native chapi not loaded: {_native.reason('chapi')}")
+    fast = mod.parse_fast(data)
+    py = _outcome(codec.parse_response_py, data)
+    if fast is not None:
+        assert py == ("ok", fast[0], fast[1].decode("ascii"), fast[2], fast[3])
+    assert _outcome(codec.parse_response, data) == py
+
+
+def test_native_fast_parse_takes_the_common_responses() -> None:
+    mod = _native.load("chapi")
+    if mod is None:
+        pytest.skip(f"native chapi not loaded: {_native.reason('chapi')}")
+    ok = b"HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    assert mod.parse_fast(ok) == (200, b"", ok[15:ok.index(b"\r\n\r\n") + 2], b"{}")
+    assert mod.parse_fast(b"HTTP/1.1 204 No Content\r\n\r\n") == (204, b"No Content", b"", b"")
+    assert mod.parse_fast(b"HTTP/1.1 500 \r\nContent-Length: 4\r\n\r\n[\"\"]") is not None

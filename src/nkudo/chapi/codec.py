@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nkudo.chapi.errors import ChProtocolError
@@ -164,8 +165,34 @@ _HEADER_RE = re.compile(rb"(" + _TOKEN_RE + rb"):" + _VALUE_RE)
 _HEADER_BLOCK_RE = re.compile(rb"(?:" + _TOKEN_RE + rb":" + _VALUE_RE + rb")*")
 
 
+def _native_parse_fast() -> Callable[[bytes], tuple[int, bytes, bytes, bytes] | None] | None:
+    from nkudo import _native
+
+    mod = _native.load("chapi")
+    return None if mod is None else mod.parse_fast
+
+
+_fast: list[Callable[[bytes], tuple[int, bytes, bytes, bytes] | None] | None] = []
+
+
 def parse_response(data: bytes) -> Response:
-    """Parse one complete response; strict about everything micro_http guarantees."""
+    """Parse one complete response; strict about everything micro_http guarantees.
+
+    Well-formed responses take the native fast path when it is loaded; anything it
+    is not certain about goes to :func:`parse_response_py`, the authority on errors.
+    """
+    if not _fast:
+        _fast.append(_native_parse_fast())
+    fast = _fast[0]
+    if fast is not None and type(data) is bytes:
+        r = fast(data)
+        if r is not None:
+            return Response(r[0], r[1].decode("ascii"), r[2], r[3])
+    return parse_response_py(data)
+
+
+def parse_response_py(data: bytes) -> Response:
+    """The pure-Python parser (twin of ``nkudo_native.chapi.parse_fast`` and the authority on errors)."""
     h = data.find(_CRLF2)
     if h < 0:
         if not data:
