@@ -52,7 +52,7 @@ def cffi_modules() -> list[str]:
 
 setup(
     packages=[*find_packages("src"), "nkudo_native"],
-    package_data={"nkudo_native": ["*.pyi", "py.typed"], "nkudo": ["py.typed"], "nkudo.chsim": ["data/*.yaml"]},
+    package_data={"nkudo_native": ["*.pyi", "py.typed"], "nkudo": ["py.typed"], "nkudo.chsim": ["data/*.yaml"], "nkudo.cp": ["openapi.yaml"]},
     ext_modules=cython_extensions(),
     cffi_modules=cffi_modules(),
 )

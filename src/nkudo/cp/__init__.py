@@ -1,0 +1,1 @@
+"""nkudo control plane: tenants, sites, enrollment, agent mTLS API, plans and executions."""

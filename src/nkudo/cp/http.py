@@ -1,0 +1,394 @@
+"""HTTP adapter (aiohttp): routing, decoding, authentication, errors and metrics.
+
+Why aiohttp: it runs on asyncio and exposes the TLS transport, so the verified
+peer certificate (chain already checked by OpenSSL against the control-plane
+CA) is available to identify agents. Every response that is not a success is
+``{"error": {"code", "message"[, "field"]}}``; client mistakes never become a
+500 because decoding, size limits and unknown routes are all mapped here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from nkudo.cp import models
+from nkudo.cp.errors import BadRequest, NotFound, PayloadTooLarge, Unauthenticated, status_of
+from nkudo.cp.pki import parse_csr, serial_hex
+from nkudo.cp.service import AgentIdentity, ControlPlane, Principal, RequestInfo, iso, now_utc
+from nkudo.errors import NkudoError
+from nkudo.log import get_logger
+from nkudo.wire import codec
+from nkudo.wire import messages as wm
+
+log = get_logger("cp.http")
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CP_KEY = web.AppKey("cp", ControlPlane)
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=codec.encode(obj), status=status, content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    err: dict[str, str] = {"code": code, "message": message}
+    if field:
+        err["field"] = field
+    return web.Response(body=codec.encode({"error": err}), status=status, content_type="application/json",
+                        headers=headers)
+
+
+_HTTP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+               405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    cp = request.app[CP_KEY]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except NkudoError as exc:
+        status = status_of(exc)
+        if status >= 500:
+            log.error("request failed", route=route, code=exc.code, error=exc.message)
+        return error_response(status, exc.code, exc.message, exc.field)
+    except web.HTTPException as exc:
+        status = exc.status
+        if status == 413:
+            return error_response(413, "PAYLOAD_TOO_LARGE", "request body is too large")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(status, _HTTP_CODES.get(status, "HTTP_ERROR"), exc.reason, headers=headers)
+    except Exception:
+        log.exception("internal error", route=route, method=request.method)
+        return error_response(500, "INTERNAL", "internal error")
+    finally:
+        cp.metrics.requests.labels(request.method, route, str(status)).inc()
+        cp.metrics.latency.labels(request.method, route).observe(time.perf_counter() - t0)
+
+
+async def read_body(request: web.Request, type_: type[T]) -> T:
+    max_size = request.app[CP_KEY].s.max_body_bytes
+    if request.content_length is not None and request.content_length > max_size:
+        raise PayloadTooLarge(f"request body exceeds {max_size} bytes")
+    try:
+        data = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body exceeds {max_size} bytes")
+    if not data.strip():
+        raise BadRequest("request body must be a JSON object")
+    return codec.decode(data, type_)
+
+
+def request_info(request: web.Request) -> RequestInfo:
+    rid = request.headers.get("X-Request-ID", "").strip()[:64] or str(uuid.uuid4())
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    ip = peer[0] if isinstance(peer, tuple) and peer else None
+    return RequestInfo(request_id=rid, source_ip=ip)
+
+
+async def principal(request: web.Request) -> Principal:
+    cp = request.app[CP_KEY]
+    return await cp.authenticate(request.headers.get("X-Admin-Key"), request.headers.get("X-API-Key"))
+
+
+def agent_identity(request: web.Request) -> AgentIdentity:
+    """Identity from the TLS-verified client certificate (the only way an agent route is authorised)."""
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    if not cert:
+        raise Unauthenticated("a client certificate issued by the control plane is required",
+                              code="CLIENT_CERT_REQUIRED")
+    cn = ""
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                cn = value
+    serial = cert.get("serialNumber")
+    if not cn or not serial:
+        raise Unauthenticated("client certificate lacks a subject CN or serial", code="INVALID_CLIENT_CERT")
+    return AgentIdentity(cn=cn, serial=serial_hex(int(serial, 16)))
+
+
+def path_id(request: web.Request, name: str) -> str:
+    """A UUID path parameter; anything else cannot exist, so it is a 404 like a foreign id."""
+    value = request.match_info[name]
+    if not _UUID.match(value):
+        raise NotFound(f"{name.removesuffix('_id')} not found", code=f"{name.removesuffix('_id').upper()}_NOT_FOUND")
+    return value
+
+
+def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer", field=name)
+    if not lo <= v <= hi:
+        raise BadRequest(f"{name} must be between {lo} and {hi}", field=name)
+    return v
+
+
+# --- public -----------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok", "time": iso(now_utc())})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    checks: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    try:
+        await cp.db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+        checks["database"] = {"status": "healthy", "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+    except Exception as exc:
+        checks["database"] = {"status": "unhealthy", "error": type(exc).__name__}
+    checks["ca"] = {"status": "healthy" if cp.ca.cert is not None else "unhealthy"}
+    ok = all(c["status"] == "healthy" for c in checks.values())
+    return json_response({"status": "healthy" if ok else "unhealthy", "checks": checks}, 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    await cp.refresh_gauges()
+    return web.Response(body=generate_latest(cp.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def crl(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    return web.Response(body=await cp.crl(), content_type="application/x-pem-file",
+                        headers={"Cache-Control": "max-age=60"})
+
+
+# --- tenant / admin ---------------------------------------------------------
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    p = await principal(request)
+    body = await read_body(request, models.TenantCreate)
+    return json_response(await request.app[CP_KEY].create_tenant(p, body, request_info(request)), 201)
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].list_tenants(p))
+
+
+async def create_api_key(request: web.Request) -> web.Response:
+    p = await principal(request)
+    tid = path_id(request, "tenant_id")
+    body = await read_body(request, models.ApiKeyCreate)
+    return json_response(await request.app[CP_KEY].create_api_key(p, tid, body, request_info(request)), 201)
+
+
+async def list_api_keys(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].list_api_keys(p, path_id(request, "tenant_id")))
+
+
+async def revoke_api_key(request: web.Request) -> web.Response:
+    p = await principal(request)
+    await request.app[CP_KEY].revoke_api_key(p, path_id(request, "tenant_id"), path_id(request, "key_id"),
+                                             request_info(request))
+    return web.Response(status=204)
+
+
+async def create_site(request: web.Request) -> web.Response:
+    p = await principal(request)
+    tid = path_id(request, "tenant_id")
+    body = await read_body(request, models.SiteCreate)
+    return json_response(await request.app[CP_KEY].create_site(p, tid, body, request_info(request)), 201)
+
+
+async def list_sites(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].list_sites(p, path_id(request, "tenant_id")))
+
+
+async def issue_token(request: web.Request) -> web.Response:
+    p = await principal(request)
+    tid = path_id(request, "tenant_id")
+    body = await read_body(request, models.TokenCreate)
+    return json_response(await request.app[CP_KEY].issue_token(p, tid, body, request_info(request)), 201)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].list_tokens(p, path_id(request, "tenant_id")))
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    p = await principal(request)
+    limit = query_int(request, "limit", 100, 1, 1000)
+    return json_response(await request.app[CP_KEY].list_audit(p, path_id(request, "tenant_id"), limit))
+
+
+async def create_plan(request: web.Request) -> web.Response:
+    p = await principal(request)
+    sid = path_id(request, "site_id")
+    body = await read_body(request, models.PlanCreate)
+    out = await request.app[CP_KEY].create_plan(p, sid, body, request_info(request))
+    return json_response(out, 200 if out["deduplicated"] else 201)
+
+
+async def get_plan(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].get_plan(p, path_id(request, "plan_id")))
+
+
+async def cancel_plan(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].cancel_plan(p, path_id(request, "plan_id"),
+                                                               request_info(request)))
+
+
+async def list_hosts(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].list_hosts(p, path_id(request, "site_id")))
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].list_vms(p, path_id(request, "site_id")))
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].list_agents(p, path_id(request, "site_id")))
+
+
+_EXEC_STATES = {"PENDING", "LEASED", "RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED"}
+
+
+async def list_executions(request: web.Request) -> web.Response:
+    p = await principal(request)
+    sid = path_id(request, "site_id")
+    state = request.query.get("state")
+    if state is not None and state not in _EXEC_STATES:
+        raise BadRequest(f"state must be one of {', '.join(sorted(_EXEC_STATES))}", field="state")
+    limit = query_int(request, "limit", 100, 1, 1000)
+    return json_response(await request.app[CP_KEY].list_executions(p, sid, state, limit))
+
+
+async def get_execution(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].get_execution(p, path_id(request, "execution_id")))
+
+
+async def execution_logs(request: web.Request) -> web.Response:
+    p = await principal(request)
+    eid = path_id(request, "execution_id")
+    after = query_int(request, "after_seq", -1, -1, 2**62)
+    limit = query_int(request, "limit", 500, 1, 1000)
+    return json_response(await request.app[CP_KEY].execution_logs(p, eid, after, limit))
+
+
+# --- agent (mTLS) ---------------------------------------------------------
+
+
+async def enroll(request: web.Request) -> web.Response:
+    req = await read_body(request, wm.EnrollRequest)
+    csr = parse_csr(req.csr_pem)  # before the token is looked at: a bad CSR never burns a token
+    return json_response(await request.app[CP_KEY].enroll(req, csr, request_info(request)))
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    ident = agent_identity(request)
+    req = await read_body(request, wm.HeartbeatRequest)
+    vm_digest = hashlib.sha256(codec.encode(req.vms)).hexdigest()
+    facts_digest = hashlib.sha256(codec.encode(req.host_facts)).hexdigest() if req.host_facts else None
+    return json_response(await request.app[CP_KEY].heartbeat(ident, req, vm_digest, facts_digest))
+
+
+async def plans_next(request: web.Request) -> web.Response:
+    ident = agent_identity(request)
+    return json_response(await request.app[CP_KEY].next_plans(ident))
+
+
+async def results(request: web.Request) -> web.Response:
+    ident = agent_identity(request)
+    req = await read_body(request, wm.ResultReport)
+    return json_response(await request.app[CP_KEY].report_results(ident, req, request_info(request)), 202)
+
+
+async def logs(request: web.Request) -> web.Response:
+    ident = agent_identity(request)
+    req = await read_body(request, wm.LogBatch)
+    return json_response(await request.app[CP_KEY].ingest_logs(ident, req), 202)
+
+
+async def unenroll(request: web.Request) -> web.Response:
+    ident = agent_identity(request)
+    data = await request.read()
+    req = codec.decode(data, wm.UnenrollRequest) if data.strip() else wm.UnenrollRequest()
+    await request.app[CP_KEY].unenroll(ident, req, request_info(request))
+    return web.Response(status=204)
+
+
+async def renew(request: web.Request) -> web.Response:
+    ident = agent_identity(request)
+    req = await read_body(request, wm.RenewRequest)
+    csr = parse_csr(req.csr_pem)
+    return json_response(await request.app[CP_KEY].renew(ident, req, csr, request_info(request)))
+
+
+#: (method, path, handler). The OpenAPI test checks this table against openapi.yaml.
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/metrics", metrics),
+    ("GET", "/v1/crl.pem", crl),
+    ("POST", "/tenants", create_tenant),
+    ("GET", "/tenants", list_tenants),
+    ("POST", "/tenants/{tenant_id}/api-keys", create_api_key),
+    ("GET", "/tenants/{tenant_id}/api-keys", list_api_keys),
+    ("DELETE", "/tenants/{tenant_id}/api-keys/{key_id}", revoke_api_key),
+    ("POST", "/tenants/{tenant_id}/sites", create_site),
+    ("GET", "/tenants/{tenant_id}/sites", list_sites),
+    ("POST", "/tenants/{tenant_id}/enrollment-tokens", issue_token),
+    ("GET", "/tenants/{tenant_id}/enrollment-tokens", list_tokens),
+    ("GET", "/tenants/{tenant_id}/audit-events", list_audit),
+    ("POST", "/sites/{site_id}/plans", create_plan),
+    ("GET", "/sites/{site_id}/hosts", list_hosts),
+    ("GET", "/sites/{site_id}/vms", list_vms),
+    ("GET", "/sites/{site_id}/agents", list_agents),
+    ("GET", "/sites/{site_id}/executions", list_executions),
+    ("GET", "/plans/{plan_id}", get_plan),
+    ("POST", "/plans/{plan_id}/cancel", cancel_plan),
+    ("GET", "/executions/{execution_id}", get_execution),
+    ("GET", "/executions/{execution_id}/logs", execution_logs),
+    ("POST", "/v1/enroll", enroll),
+    ("POST", "/v1/heartbeat", heartbeat),
+    ("GET", "/v1/plans/next", plans_next),
+    ("POST", "/v1/executions/result", results),
+    ("POST", "/v1/logs", logs),
+    ("POST", "/v1/unenroll", unenroll),
+    ("POST", "/v1/renew", renew),
+]
+
+
+def build_app(cp: ControlPlane) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=cp.s.max_body_bytes)
+    app[CP_KEY] = cp
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app
+

@@ -1,0 +1,100 @@
+"""Assemble and run one control-plane process: settings -> database -> CA -> TLS -> HTTP + sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+from pathlib import Path
+
+from aiohttp import web
+
+from nkudo.cp.config import Settings, resolve_admin_key
+from nkudo.cp.db import Database, redact_url, sqlite_url
+from nkudo.cp.http import build_app
+from nkudo.cp.pki import CA_CERT, CA_KEY, CertificateAuthority
+from nkudo.cp.service import ControlPlane
+from nkudo.log import get_logger
+
+log = get_logger("cp.server")
+
+
+def server_ssl_context(cert: Path, key: Path, ca_pem: str) -> ssl.SSLContext:
+    """TLS >= 1.2; a client certificate is optional at the handshake but, when sent, must chain to our CA.
+
+    Agent routes then *require* one (checked per request): enrollment must work
+    without a certificate on the same port.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cadata=ca_pem)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def build(settings: Settings) -> ControlPlane:
+    settings.check()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url or sqlite_url(settings.data_dir), pool_size=settings.db_pool_size)
+    db.migrate()
+    ca = CertificateAuthority.load_or_create(
+        settings.data_dir, cert_file=settings.ca_cert_file, key_file=settings.ca_key_file,
+        require_persistent=settings.require_persistent_pki,
+    )
+    if settings.ca_cert_file is not None and not (settings.data_dir / CA_KEY).exists():
+        # Publish the (public) CA certificate where clients and the admin CLI look for it.
+        (settings.data_dir / CA_CERT).write_text(ca.cert_pem)
+    return ControlPlane(settings, db, ca, resolve_admin_key(settings))
+
+
+async def _flusher(cp: ControlPlane) -> None:
+    while True:
+        await asyncio.sleep(cp.flush_interval)
+        try:
+            await cp.flush_seen()
+        except Exception:
+            log.exception("heartbeat flush failed")
+
+
+async def _sweeper(cp: ControlPlane) -> None:
+    while True:
+        await asyncio.sleep(cp.s.sweep_interval)
+        try:
+            await cp.sweep_offline()
+        except Exception:
+            log.exception("offline sweep failed")
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
+                ) -> None:
+    cp = build(settings)
+    cert, key = cp.ca.write_server_files(settings.data_dir, settings.server_names)
+    ctx = server_ssl_context(cert, key, cp.ca.cert_pem)
+    runner = web.AppRunner(build_app(cp), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=ctx, backlog=1024,
+                       reuse_address=True)
+    await site.start()
+    sweeper = asyncio.create_task(_sweeper(cp)) if settings.sweep_interval > 0 else None
+    flusher = asyncio.create_task(_flusher(cp))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread
+            loop.add_signal_handler(sig, stop.set)
+    log.info("control plane listening", listen=f"{settings.listen_host}:{settings.listen_port}",
+             database=redact_url(cp.db.url), data_dir=str(settings.data_dir))
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        if sweeper is not None:
+            sweeper.cancel()
+        flusher.cancel()
+        await runner.cleanup()
+        await cp.flush_seen()
+        cp.db.close()

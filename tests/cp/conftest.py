@@ -1,0 +1,62 @@
+"""Fixtures: one control-plane process per database backend (SQLite file, throwaway PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import Server, Tenant, new_tenant, start_server
+from .pg import Cluster, start_cluster
+
+# Short timings so lease expiry, renewal grace and the offline sweeper are observable in seconds.
+FAST = ["--lease-ttl", "2", "--offline-after", "2", "--sweep-interval", "0.5", "--renew-grace", "1",
+        "--heartbeat-interval", "5"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A private PostgreSQL cluster; in CI (CI=true) failing to start it fails the run instead of skipping."""
+    try:
+        cluster = start_cluster()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI and could not start: {exc}")
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_cluster: Cluster) -> str:
+    return pg_cluster.create_database()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def server(backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Server]:
+    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    srv = start_server(tmp_path_factory.mktemp(f"cp-{backend}"), database_url=url, extra=FAST)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def tenant(server: Server) -> Tenant:
+    return new_tenant(server)
+
+
+@pytest.fixture
+def agent_dir(tmp_path: Path) -> Path:
+    return tmp_path
