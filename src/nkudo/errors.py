@@ -39,3 +39,9 @@ class HostError(NkudoError):
     """The host lacks something or refused an operation."""
 
     code = "HOST_ERROR"
+
+
+class UsageError(NkudoError):
+    """The command line is inconsistent (exit code 2, like click's own usage errors)."""
+
+    code = "USAGE"

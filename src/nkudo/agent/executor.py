@@ -80,6 +80,7 @@ class Outcome:
         "error_code",
         "error_message",
         "execution_id",
+        "label",
         "logs",
         "replayed",
         "result",
@@ -94,6 +95,7 @@ class Outcome:
         self.type = action.type
         self.vm_id = action.vm_id
         self.execution_id = action.execution_id
+        self.label = action.label
         self.status = status
         self.error_code: str | None = None
         self.error_message: str | None = None
@@ -127,15 +129,19 @@ class Executor:
         handlers: dict[str, Handler],
         *,
         on_outcome: Callable[[Outcome], None] | None = None,
+        outbox_for: Callable[[Outcome], list[tuple[str, str, str]]] | None = None,
     ) -> None:
         self.store = store
         self.handlers = handlers
         self.on_outcome = on_outcome
+        # Messages to the control plane derived from an outcome; written in the same transaction as
+        # the result, so a crash can never record a result without queueing its report (or vice versa).
+        self.outbox_for = outbox_for
         self.log = log.get_logger("executor")
 
     def execute(self, action: Action) -> Outcome:
         alog = self.log.bind(
-            action_id=action.action_id,
+            action_id=action.label or action.action_id,
             action_type=action.type,
             vm_id=action.vm_id,
             execution_id=action.execution_id,
@@ -154,6 +160,11 @@ class Executor:
             out.started_at, out.ended_at = rec.started_at, rec.ended_at
             out.replayed, out.attempts = True, rec.attempts
             alog.debug("returning recorded result", status=rec.state)
+            if self.outbox_for is not None:
+                for kind, key, payload in self.outbox_for(out):
+                    self.store.enqueue(
+                        kind, key, payload
+                    )  # no-op if still queued; re-sent if acked (CP dedupes)
             return self._emit(out)
 
         interrupted = rec is not None  # journalled but never finished: the agent died mid-action
@@ -207,6 +218,7 @@ class Executor:
             error_message=out.error_message,
             result=out.result,
             logs=out.logs,
+            outbox=self.outbox_for(out) if self.outbox_for is not None else None,
         )
         return self._emit(out)
 

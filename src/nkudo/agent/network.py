@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from nkudo.agent.provider import NicPlan
 from nkudo.net.hostnet import HostNet, open_backend
 
@@ -31,7 +33,9 @@ class HostNetwork:
     def ensure_taps(self, vm_id: str, nics: list[tuple[str, str]]) -> list[NicPlan]:
         out = []
         for i, (bridge, mac) in enumerate(nics):
-            link = self.net.create_tap(vm_id, i, bridge=bridge)
+            # Owned by our uid (the VMM runs as the agent's user): an unowned persistent TAP could be
+            # attached by any local user while no VMM holds it.
+            link = self.net.create_tap(vm_id, i, bridge=bridge, owner_uid=os.geteuid())
             out.append(NicPlan(tap=link.name, mac=mac, bridge=bridge))
         return out
 

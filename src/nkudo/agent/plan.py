@@ -26,7 +26,7 @@ _ACTION_KEYS: Final = {"action_id", "type", "params", "timeout_seconds", "execut
 class Action:
     """One validated plan step."""
 
-    __slots__ = ("action_id", "execution_id", "params", "params_hash", "timeout", "type")
+    __slots__ = ("action_id", "execution_id", "label", "params", "params_hash", "timeout", "type")
 
     def __init__(
         self,
@@ -41,6 +41,7 @@ class Action:
         self.params = params
         self.timeout = timeout
         self.execution_id = execution_id
+        self.label: str | None = None  # the plan's own action id when action_id is an execution id
         self.params_hash = params_hash(type_, params, timeout)
 
     @property

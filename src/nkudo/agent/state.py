@@ -56,6 +56,16 @@ CREATE TABLE IF NOT EXISTS actions (
     logs          TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS actions_vm ON actions(vm_id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind         TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    UNIQUE(kind, key)
+);
 """
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT"})
@@ -271,7 +281,9 @@ class StateStore:
         error_message: str | None,
         result: dict[str, Any],
         logs: list[dict[str, Any]],
+        outbox: list[tuple[str, str, str]] | None = None,
     ) -> None:
+        """Record the terminal result and, in the same transaction, queue what must be reported."""
         if state not in TERMINAL:
             raise ValueError(f"not a terminal state: {state}")
         with self.tx() as c:
@@ -287,6 +299,50 @@ class StateStore:
                     action_id,
                 ),
             )
+            for kind, key, payload in outbox or ():
+                self._enqueue(c, kind, key, payload)
+
+    # --------------------------------------------------------------- outbox
+
+    @staticmethod
+    def _enqueue(c: sqlite3.Connection, kind: str, key: str, payload: str) -> None:
+        c.execute(
+            "INSERT INTO outbox(kind, key, payload, created_at) VALUES(?,?,?,?) ON CONFLICT(kind, key) DO NOTHING",
+            (kind, key, payload, time.time()),
+        )
+
+    def enqueue(self, kind: str, key: str, payload: str) -> None:
+        """Queue a message for the control plane (idempotent per kind and key)."""
+        with self.tx() as c:
+            self._enqueue(c, kind, key, payload)
+
+    def outbox_peek(self, limit: int = 100) -> list[tuple[int, str, str, str, int]]:
+        """Oldest queued messages: (id, kind, key, payload, attempts)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, kind, key, payload, attempts FROM outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def outbox_ack(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        with self.tx() as c:
+            c.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+
+    def outbox_failed(self, ids: list[int], error: str) -> None:
+        if not ids:
+            return
+        with self.tx() as c:
+            c.executemany(
+                "UPDATE outbox SET attempts=attempts+1, last_error=? WHERE id=?",
+                [(error[:500], i) for i in ids],
+            )
+
+    def outbox_size(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(n)
 
     def list_actions(self, *, unfinished_only: bool = False) -> list[ActionRecord]:
         with self._lock:

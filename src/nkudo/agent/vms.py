@@ -9,6 +9,7 @@ exists before acting, and records progress in the state store as it goes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -301,39 +302,69 @@ class VmService:
         return self._result(rec, VmStatus.RUNNING)
 
     def snapshot(self, ctx: ActionContext, params: A.MicroVMSnapshot) -> dict[str, Any]:
+        """Pause if running, snapshot, resume: crash-safe at every step.
+
+        The VMM writes into a hidden staging directory that is renamed to the final name only
+        when complete, so a snapshot directory is never half-written. Whether the VM was
+        running is recorded (``.intent-<name>``) before it is paused, so a re-drive after a
+        crash knows to resume it even though it now finds the VM paused.
+        """
         rec = self._vm(params.vm_id)
         dest = P.safe_join(
             self.cfg.snapshot_dir, rec.vm_id, params.snapshot_name, field="params.snapshot_name"
         )
-        marker = os.path.join(dest, ".nkudo-complete")
-        if os.path.exists(marker):  # a re-drive after the snapshot completed
-            return {"vm_id": rec.vm_id, "snapshot_dir": dest, "files": _listing(dest)}
-        p = self._require_vmm(rec)
-        state = self.provider.state(p, timeout=5.0)
-        if os.path.isdir(dest):
+        parent = os.path.dirname(dest)
+        staging = os.path.join(parent, f".partial-{params.snapshot_name}")
+        intent_path = os.path.join(parent, f".intent-{params.snapshot_name}")
+        intent = _read_json(intent_path)
+        if os.path.isdir(dest) and intent is None:
             if ctx.attempt == 1:
                 raise NkudoError(
                     f"snapshot {params.snapshot_name!r} of VM {rec.vm_id} already exists",
                     code="SNAPSHOT_EXISTS",
                 )
-            shutil.rmtree(dest)  # an interrupted earlier attempt of this very action
-        os.makedirs(dest, mode=0o700)
-        was_running = state == VmStatus.RUNNING
-        if was_running:
-            self.provider.pause(p, timeout=30.0)
-            ctx.log("paused for snapshot")
-        elif state != VmStatus.PAUSED:
-            raise NkudoError(f"VM {rec.vm_id} cannot be snapshotted in state {state}", code="INVALID_STATE")
-        try:
-            self.provider.snapshot(p, dest, timeout=max(ctx.remaining(), 1.0))
-        finally:
-            if was_running:
-                self.provider.resume(p, timeout=30.0)
-                ctx.log("resumed after snapshot")
-        write_atomic(marker, b"")
+            return {
+                "vm_id": rec.vm_id,
+                "snapshot_dir": dest,
+                "files": _listing(dest),
+            }  # finished before a crash
+        p = self._require_vmm(rec)
+        if intent is None:
+            state = self.provider.state(p, timeout=5.0)
+            if state not in (VmStatus.RUNNING, VmStatus.PAUSED):
+                raise NkudoError(
+                    f"VM {rec.vm_id} cannot be snapshotted in state {state}", code="INVALID_STATE"
+                )
+            intent = {"was_running": state == VmStatus.RUNNING}
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            write_atomic(intent_path, json.dumps(intent).encode())
+        was_running = bool(intent["was_running"])
+        if not os.path.isdir(dest):
+            if self.provider.state(p, timeout=5.0) == VmStatus.RUNNING:
+                self.provider.pause(p, timeout=30.0)
+                ctx.log("paused for snapshot")
+            if os.path.isdir(staging):
+                shutil.rmtree(staging)  # an interrupted attempt of this very action
+            os.makedirs(staging, mode=0o700)
+            self.provider.snapshot(p, staging, timeout=max(ctx.remaining(), 1.0))
+            os.rename(staging, dest)
+            fsync_dir(parent)
+        if was_running and self.provider.state(p, timeout=5.0) == VmStatus.PAUSED:
+            self.provider.resume(p, timeout=30.0)
+            ctx.log("resumed after snapshot")
+        os.unlink(intent_path)
         files = _listing(dest)
         ctx.log("snapshot written", files=len(files))
         return {"vm_id": rec.vm_id, "snapshot_dir": dest, "files": files, "resumed": was_running}
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _listing(d: str) -> list[dict[str, Any]]:

@@ -82,6 +82,18 @@ _command(
     "Preflight: check that this host can run microVMs. Exit 0 when nothing failed (warnings allowed), 1 otherwise.",
 )
 _command("hostfacts", "Print the host facts sent with each heartbeat, as JSON.")
+_command("enroll", "Enroll this host with a one-time token (creates the agent's key and certificate).")
+_command(
+    "run",
+    "Run the agent: heartbeats, leased plans, results, logs, metrics. SIGTERM stops it cleanly; VMs keep running.",
+)
+_command("status", "Enrollment, certificate, last heartbeat and VM counts, from local state.")
+_command(
+    "unenroll",
+    "Leave the control plane: revoke the certificate, remove credentials, delete (or keep) the VMs.",
+)
+_command("renew", "Renew the agent certificate now (within the renewal window unless --force).")
+_command("verify-heartbeat", "One heartbeat round trip; exit 0 on success, 1 with the reason otherwise.")
 _command(
     "apply",
     "Run a plan locally (no control plane): one line per action. Exit 0 only if every action succeeded.",
@@ -90,7 +102,7 @@ _command(
 
 def run(argv: list[str]) -> int:
     """Run click without its own exit handling so errors get one line and our exit codes."""
-    from nkudo.errors import NkudoError
+    from nkudo.errors import NkudoError, UsageError
 
     try:
         rv = cli.main(args=argv, prog_name="nkudo-edge", standalone_mode=False)
@@ -106,6 +118,9 @@ def run(argv: list[str]) -> int:
     except click.Abort:
         sys.stderr.write("nkudo-edge: aborted\n")
         return 1
+    except UsageError as exc:
+        sys.stderr.write(f"nkudo-edge: error: {exc.message} (see 'nkudo-edge --help')\n")
+        return 2
     except NkudoError as exc:
         sys.stderr.write(f"nkudo-edge: error: {exc}\n")
         return 1

@@ -196,3 +196,16 @@ def run_apply(p: dict[str, Any]) -> int:
 
 
 RUNNERS["apply"] = run_apply
+
+
+def _agent_runner(name: str) -> Any:
+    def run(p: dict[str, Any]) -> int:
+        from nkudo.cli.agentcmds import RUNNERS as AGENT
+
+        return AGENT[name](p)
+
+    return run
+
+
+for _name in ("enroll", "run", "status", "unenroll", "renew", "verify-heartbeat"):
+    RUNNERS[_name] = _agent_runner(_name)

@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
     except Exception as exc:  # last resort: one line, never a traceback for operators
-        from nkudo.errors import NkudoError
+        from nkudo.errors import NkudoError, UsageError
 
+        if isinstance(exc, UsageError):
+            sys.stderr.write(f"nkudo-edge: error: {exc.message} (see 'nkudo-edge --help')\n")
+            return 2
         if isinstance(exc, NkudoError):
             sys.stderr.write(f"nkudo-edge: error: {exc}\n")
             return 1

@@ -28,7 +28,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 Message = Annotated[str, msgspec.Meta(max_length=8192)]
 ErrorCode = Annotated[str, msgspec.Meta(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")]
 
-VMState = Literal["CREATING", "RUNNING", "STOPPED", "PAUSED", "ERROR", "DELETED", "UNKNOWN"]
+VMState = Literal["CREATING", "CREATED", "RUNNING", "STOPPED", "PAUSED", "CRASHED", "ERROR", "DELETED", "UNKNOWN"]
 ResultStatus = Literal["SUCCEEDED", "FAILED", "TIMED_OUT"]
 LogLevel = Literal["DEBUG", "INFO", "WARN", "ERROR"]
 
@@ -122,6 +122,8 @@ class HeartbeatRequest(_Strict):
         default_factory=list
     )
     sent_at: datetime | None = None
+    #: False for probes (``nkudo-edge verify-heartbeat``): answer, but lease no plans to this call.
+    lease: bool = True
 
 
 class LeasedAction(_Strict):

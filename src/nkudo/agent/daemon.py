@@ -1,0 +1,471 @@
+"""``nkudo-edge run``: heartbeats, leased plans, results and logs, renewal, graceful shutdown.
+
+Two threads. The control thread heartbeats (every interval ±10 %, exponential
+backoff while the control plane is unreachable), hands leased actions to the
+worker, flushes the durable outbox and renews the certificate at two thirds
+of its lifetime. The worker runs actions one at a time through the executor,
+so a long action never delays a heartbeat. Results and log batches go through
+the outbox table, written in the same transaction as the result itself, and
+are deleted only once the control plane acknowledged them: a crash or restart
+never loses or duplicates a report (the control plane dedupes by execution id).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nkudo import __version__, log
+from nkudo.agent import renewal
+from nkudo.agent.cpclient import IDENTITY_GONE, CpClient, CpError, CpUnreachable, backoff_delay, jittered
+from nkudo.agent.executor import Outcome
+from nkudo.agent.identity import Identity, Pki, load_cert_info, save_identity
+from nkudo.agent.plan import Action, parse_action
+from nkudo.agent.runtime import Agent
+from nkudo.errors import NkudoError
+from nkudo.vmstate import VmStatus
+from nkudo.wire import messages as wm
+from nkudo.wire.codec import encode
+
+_log = log.get_logger("daemon")
+HEARTBEAT_META = "heartbeat"
+FACTS_EVERY = 40  # heartbeats between host-facts refreshes (~10 min at 15 s)
+RESULT_KIND, LOGS_KIND = "result", "logs"
+
+
+class IdentityRejected(NkudoError):
+    """The control plane no longer accepts this agent (unenrolled, revoked, unknown)."""
+
+
+@dataclass
+class DaemonConfig:
+    interval: float = 15.0
+    max_backoff: float = 60.0
+    shutdown_timeout: float = 30.0
+    once: bool = False
+    interval_forced: bool = False  # --heartbeat-interval given: ignore the server's suggestion
+
+
+def _iso(ts: float | None) -> dt.datetime | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+def outbox_messages(out: Outcome) -> list[tuple[str, str, str]]:
+    """Reports for one outcome: its log batch, then its result (only for control-plane executions)."""
+    if not out.execution_id or out.status == "NOT_RUN":
+        return []
+    lines = [
+        wm.LogLine(
+            seq=i, message=_line_text(line)[:8000], level=_level(line.get("level")), ts=_iso(line.get("ts"))
+        )
+        for i, line in enumerate(out.logs[: wm.MAX_LOG_LINES - 1])
+    ]
+    if out.result:
+        summary = json.dumps(out.result, sort_keys=True, default=str)
+        lines.append(
+            wm.LogLine(
+                seq=len(lines), message=f"result: {summary}"[:8000], level="INFO", ts=_iso(out.ended_at)
+            )
+        )
+    msgs: list[tuple[str, str, str]] = []
+    if lines:
+        batch = wm.LogBatch(execution_id=out.execution_id, lines=lines)
+        msgs.append((LOGS_KIND, out.execution_id, encode(batch).decode()))
+    res = wm.ActionResult(
+        execution_id=out.execution_id,
+        status=out.status,  # type: ignore[arg-type]
+        action_id=(out.label or out.action_id)[:128],
+        error_code=out.error_code if out.error_code and out.error_code.replace("_", "").isalnum() else None,
+        message=(out.error_message or "")[:8000],
+        started_at=_iso(out.started_at),
+        finished_at=_iso(out.ended_at),
+    )
+    msgs.append((RESULT_KIND, out.execution_id, encode(res).decode()))
+    return msgs
+
+
+def _line_text(line: dict[str, Any]) -> str:
+    fields = line.get("fields") or {}
+    extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    return f"{line.get('message', '')} {extra}".strip()
+
+
+def _level(v: Any) -> Any:
+    return v if v in ("DEBUG", "INFO", "WARN", "ERROR") else "INFO"
+
+
+class Daemon:
+    def __init__(
+        self,
+        agent: Agent,
+        ident: Identity,
+        pki: Pki,
+        client: CpClient,
+        cfg: DaemonConfig,
+        *,
+        metrics: Any = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.agent = agent
+        self.ident = ident
+        self.pki = pki
+        self.client = client
+        self.cfg = cfg
+        self.metrics = metrics
+        self.rand = rand
+        self.interval = (
+            cfg.interval if cfg.interval_forced else float(ident.heartbeat_interval or cfg.interval)
+        )
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.work: queue.Queue[list[Action]] = queue.Queue()
+        self.known: set[str] = set()  # execution ids queued or run by this process
+        self.running: str | None = None
+        self.seq = 0
+        self.failures = 0
+        self.exit_code = 0
+        self.exit_reason = ""
+        self._facts: wm.HostFacts | None = None
+        self._worker = threading.Thread(target=self._work_loop, name="nkudo-executor", daemon=True)
+        agent.executor.outbox_for = outbox_messages
+        agent.executor.on_outcome = self._on_outcome
+
+    # ------------------------------------------------------------- control
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+        self.wake.set()
+
+    def run(self) -> int:
+        renewal.roll_forward(self.pki)
+        report = self.agent.reconcile()
+        _log.info("agent starting", agent_id=self.ident.agent_id, site_id=self.ident.site_id,
+                  vms=len(self.agent.store.list_vms()), adopted=len(report["adopted"]))  # fmt: skip
+        self._worker.start()
+        next_beat = 0.0
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                try:
+                    self.heartbeat()
+                    self.failures = 0
+                    next_beat = time.monotonic() + jittered(self.interval, self.rand())
+                except CpUnreachable as exc:
+                    self.failures += 1
+                    delay = backoff_delay(
+                        self.failures, min(2.0, self.interval), self.cfg.max_backoff, self.rand()
+                    )
+                    _log.warn("control plane unreachable; backing off", error=exc.message, retry_in_s=round(delay, 1),
+                              failures=self.failures)  # fmt: skip
+                    next_beat = time.monotonic() + delay
+                except IdentityRejected as exc:
+                    self.exit_code, self.exit_reason = 3, exc.message
+                    _log.error(
+                        "the control plane rejected this agent; stopping", code=exc.code, error=exc.message
+                    )
+                    break
+                except CpError as exc:
+                    self.failures += 1
+                    delay = backoff_delay(
+                        self.failures, min(2.0, self.interval), self.cfg.max_backoff, self.rand()
+                    )
+                    _log.warn(
+                        "heartbeat refused", code=exc.code, error=exc.message, retry_in_s=round(delay, 1)
+                    )
+                    next_beat = time.monotonic() + delay
+            if self.failures == 0:
+                self._flush_outbox()
+                self._maybe_renew()
+            if self.cfg.once:
+                self._drain_once()
+                break
+            pending = self.agent.store.outbox_size() > 0 and self.failures == 0
+            timeout = max(0.0, min(next_beat - time.monotonic(), 1.0 if pending else 3600.0))
+            self.wake.wait(timeout)
+            self.wake.clear()
+        return self._shutdown()
+
+    def _drain_once(self) -> None:
+        """--once: run what this heartbeat leased, then report it."""
+        self.work.join()
+        self._flush_outbox()
+
+    def _shutdown(self) -> int:
+        _log.info("stopping: no new work; finishing the running action and flushing reports")
+        self.stop_event.set()
+        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        self.work.put([])  # wake the worker so it can see the stop flag
+        self._worker.join(max(0.0, deadline - time.monotonic()))
+        if self._worker.is_alive():
+            _log.warn("an action is still running; it will be resumed or reported after the restart",
+                      execution_id=self.running)  # fmt: skip
+        if self.exit_code == 0:
+            end = time.monotonic() + min(10.0, max(1.0, deadline - time.monotonic()))
+            while self.agent.store.outbox_size() and time.monotonic() < end:
+                if not self._flush_outbox():
+                    break
+        left = self.agent.store.outbox_size()
+        if left:
+            _log.warn("reports still queued; they are sent after the next start", queued=left)
+        self.client.close()
+        return self.exit_code
+
+    # ----------------------------------------------------------- heartbeat
+
+    def build_heartbeat(self) -> wm.HeartbeatRequest:
+        vms = []
+        for vm in self.agent.store.list_vms():
+            vms.append(
+                wm.VMSummary(
+                    vm_id=vm.vm_id,
+                    state=vm.status.value,
+                    name=vm.name,
+                    vcpus=int(vm.spec.get("vcpus", 0)),
+                    memory_mib=int(vm.spec.get("memory_mib", 0)),
+                )
+            )
+        facts = None
+        if self._facts is None or self.seq % FACTS_EVERY == 0:
+            self._facts = host_facts(self.agent)
+            facts = self._facts
+        updates = (
+            [wm.ExecutionProgress(execution_id=self.running)] if self.running and _uuid(self.running) else []
+        )
+        return wm.HeartbeatRequest(
+            heartbeat_seq=self.seq,
+            agent_version=__version__,
+            host_facts=facts,
+            vms=vms,
+            execution_updates=updates,
+            sent_at=dt.datetime.now(dt.UTC),
+        )
+
+    def heartbeat(self) -> wm.HeartbeatResponse:
+        self.seq += 1
+        req = self.build_heartbeat()
+        t0 = time.monotonic()
+        try:
+            resp = self.client.heartbeat(req)
+        except CpError as exc:
+            self._record_heartbeat(False, exc.message)
+            if self.metrics is not None:
+                self.metrics.heartbeat_failed(time.monotonic() - t0)
+            if exc.code in IDENTITY_GONE:
+                raise IdentityRejected(
+                    f"the control plane no longer accepts this agent ({exc.code}: {exc.message}); "
+                    "enroll the host again with a new token",
+                    code=exc.code,
+                ) from None
+            raise
+        except CpUnreachable as exc:
+            self._record_heartbeat(False, exc.message)
+            if self.metrics is not None:
+                self.metrics.heartbeat_failed(time.monotonic() - t0)
+            raise
+        took = time.monotonic() - t0
+        if self.metrics is not None:
+            self.metrics.heartbeat_sent(took)
+        self._record_heartbeat(True, None)
+        if resp.next_heartbeat_seconds and resp.next_heartbeat_seconds > 0 and not self.cfg.interval_forced:
+            self.interval = float(resp.next_heartbeat_seconds)
+        for plan in resp.pending_plans:
+            self._accept_plan(plan)
+        return resp
+
+    def _record_heartbeat(self, ok: bool, error: str | None) -> None:
+        prev = json.loads(self.agent.store.get_meta(HEARTBEAT_META) or "{}")
+        now = time.time()
+        doc = {
+            "last_attempt_at": now,
+            "last_success_at": now if ok else prev.get("last_success_at"),
+            "status": "connected" if ok else "unreachable",
+            "error": error,
+            "control_plane": self.ident.control_plane,
+        }
+        self.agent.store.set_meta(HEARTBEAT_META, json.dumps(doc))
+
+    def _accept_plan(self, plan: wm.LeasedPlan) -> None:
+        actions: list[Action] = []
+        for la in plan.actions:
+            if la.execution_id in self.known:
+                continue
+            try:
+                a = parse_action(
+                    {"action_id": la.execution_id, "type": la.type, "params": la.params,
+                     "timeout_seconds": la.timeout_seconds, "execution_id": la.execution_id},
+                    f"plan {plan.plan_id} action {la.action_id}",
+                )  # fmt: skip
+            except NkudoError as exc:
+                # The control plane validates plans with the same schema; refuse loudly if it did not.
+                self._report_invalid(la, exc)
+                continue
+            a.label = la.action_id
+            actions.append(a)
+            self.known.add(la.execution_id)
+        if actions:
+            _log.info("plan leased", plan_id=plan.plan_id, actions=len(actions))
+            self.work.put(actions)
+
+    def _report_invalid(self, la: wm.LeasedAction, exc: NkudoError) -> None:
+        res = wm.ActionResult(execution_id=la.execution_id, status="FAILED", action_id=la.action_id[:128],
+                              error_code="INVALID_ARGUMENT", message=exc.message[:8000])  # fmt: skip
+        self.agent.store.enqueue(RESULT_KIND, la.execution_id, encode(res).decode())
+        self.known.add(la.execution_id)
+
+    # -------------------------------------------------------------- worker
+
+    def _work_loop(self) -> None:
+        while True:
+            actions = self.work.get()
+            try:
+                if not actions or (self.stop_event.is_set() and not self.cfg.once):
+                    return  # the shutdown sentinel, or stopping before this plan started
+                for a in actions:
+                    if self.stop_event.is_set() and not self.cfg.once:
+                        return  # not started: the lease expires and the control plane offers it again
+                    self.running = a.execution_id
+                    try:
+                        out = self.agent.executor.execute(a)
+                    finally:
+                        self.running = None
+                    self.wake.set()  # report promptly
+                    if not out.ok:
+                        break  # the control plane cancels the rest of the plan
+            finally:
+                self.work.task_done()
+
+    def _on_outcome(self, out: Outcome) -> None:
+        if self.metrics is not None:
+            self.metrics.action_finished(out.type, out.status, out.duration, replayed=out.replayed)
+
+    # -------------------------------------------------------------- outbox
+
+    def _flush_outbox(self) -> bool:
+        """Send queued reports in order; True if the queue made progress."""
+        progressed = False
+        while True:
+            batch = self.agent.store.outbox_peek(50)
+            if not batch:
+                return progressed
+            logs = [(i, p) for i, k, _, p, _ in batch if k == LOGS_KIND]
+            results = [(i, p) for i, k, _, p, _ in batch if k == RESULT_KIND]
+            try:
+                for i, payload in logs:
+                    self.client.call("POST", "/v1/logs", json.loads(payload), wm.LogBatchResponse)
+                    self.agent.store.outbox_ack([i])
+                if results:
+                    report = {"results": [json.loads(p) for _, p in results]}
+                    resp = self.client.call("POST", "/v1/executions/result", report, wm.ResultResponse)
+                    assert resp is not None
+                    for r in resp.results:
+                        if r.outcome == "rejected":
+                            _log.warn(
+                                "control plane rejected a result", execution_id=r.execution_id, code=r.code
+                            )
+                    self.agent.store.outbox_ack([i for i, _ in results])
+                progressed = True
+            except CpUnreachable as exc:
+                self.agent.store.outbox_failed([i for i, *_ in batch], exc.message)
+                return progressed
+            except CpError as exc:
+                if exc.status >= 500 or exc.code in IDENTITY_GONE:
+                    self.agent.store.outbox_failed([i for i, *_ in batch], exc.message)
+                    return progressed
+                # A 4xx for one message is permanent: drop it (logged) instead of blocking the queue forever.
+                bad = [i for i, *_ in batch][:1]
+                _log.error("control plane refused a report; dropping it", code=exc.code, error=exc.message)
+                self.agent.store.outbox_ack(bad)
+
+    # ------------------------------------------------------------- renewal
+
+    def _maybe_renew(self) -> None:
+        due = self.ident.renew_due()
+        if due is None:  # identity from before validity was recorded: read the certificate once
+            info = load_cert_info(self.pki)
+            if info is None:
+                return
+            self.ident.cert_not_before, self.ident.cert_not_after = (
+                info.not_before.isoformat(),
+                info.not_after.isoformat(),
+            )
+            save_identity(self.agent.store, self.ident)
+            due = info.renew_due()
+        if not due:
+            return
+        try:
+            resp = renewal.renew(self.client, self.pki, self.ident.agent_id)
+        except (CpError, CpUnreachable) as exc:
+            _log.warn("certificate renewal failed; will retry", code=exc.code, error=exc.message)
+            return
+        self.ident.record_cert(resp.client_certificate_pem.encode())
+        save_identity(self.agent.store, self.ident)
+        _log.info("certificate renewed", expires_at=resp.certificate_expires_at.isoformat())
+
+
+def _uuid(s: str) -> bool:
+    import re
+
+    return re.fullmatch(wm.UUID_PATTERN, s) is not None
+
+
+def host_facts(agent: Agent) -> wm.HostFacts:
+    """The heartbeat's host facts (cheap: psutil, statvfs, the KVM probe without a test VM)."""
+    import os
+
+    import psutil
+
+    from nkudo.host import checks
+    from nkudo.host.facts import os_release
+    from nkudo.host.kvm import probe_kvm
+
+    u = os.uname()
+    disks = []
+    seen = set()
+    for p in (agent.cfg.state_dir, agent.cfg.runtime_dir, agent.cfg.snapshot_dir):
+        base = checks.nearest_existing(p)
+        try:
+            st = os.statvfs(base)
+            dev = os.stat(base).st_dev
+        except OSError:
+            continue
+        if dev in seen:
+            continue
+        seen.add(dev)
+        disks.append(
+            wm.Disk(
+                mountpoint=base, total_bytes=st.f_blocks * st.f_frsize, free_bytes=st.f_bavail * st.f_frsize
+            )
+        )
+    hostname = u.nodename
+    return wm.HostFacts(
+        cpu_cores=psutil.cpu_count(logical=True) or 0,
+        memory_total_bytes=psutil.virtual_memory().total,
+        storage_total_bytes=sum(d.total_bytes for d in disks),
+        disks=disks,
+        os=os_release().get("PRETTY_NAME", "linux")[:256],
+        arch=u.machine,
+        kernel=u.release[:256],
+        kvm_available=probe_kvm("/dev/kvm", create_vm=False).ok,
+        cloud_hypervisor_available=checks.which(agent.cfg.cloud_hypervisor_bin) is not None,
+        hostname=hostname if _hostname_ok(hostname) else None,
+    )
+
+
+def _hostname_ok(h: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", h) is not None
+
+
+def vm_counts(agent: Agent) -> dict[str, int]:
+    counts = {s.value: 0 for s in VmStatus}
+    for vm in agent.store.list_vms():
+        counts[vm.status.value] += 1
+    return counts

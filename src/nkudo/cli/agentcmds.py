@@ -1,0 +1,577 @@
+"""``enroll``, ``run``, ``status``, ``unenroll``, ``renew``, ``verify-heartbeat``: the agent online."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from nkudo.cli.output import paint, print_json, use_colour
+from nkudo.errors import NkudoError, UsageError, ValidationError
+
+#: What to tell the operator for each enrollment error code.
+ENROLL_ADVICE = {
+    "TOKEN_INVALID": "The enrollment token is not valid. Create a new one (nkudo-control-plane token create) and retry.",
+    "TOKEN_EXPIRED": "The enrollment token has expired (tokens are valid for 15 minutes). Create a new one and retry.",
+    "TOKEN_ALREADY_USED": "The enrollment token was already used: each token enrolls one host. Create a new one.",
+    "HOST_ALREADY_ENROLLED": "The control plane already has an agent for this host name in this site; "
+    "unenroll it there first, or enroll with --hostname.",
+    "INVALID_CSR": "The control plane refused the certificate request; this is a bug, please report it.",
+    "CP_UNREACHABLE": "Check the --control-plane URL, DNS and firewall, then retry.",
+    "CP_TLS_UNTRUSTED": "Pass --ca-file with the CA certificate of the control plane (or --insecure-skip-verify for development).",
+}
+
+
+def _agent_cfg(p: dict[str, Any]) -> Any:
+    from nkudo.agent.runtime import AgentConfig
+
+    return AgentConfig(
+        state_dir=p["state_dir"],
+        runtime_dir=p["runtime_dir"],
+        snapshot_dir=p["snapshot_dir"],
+        image_roots=tuple(p["image_root"]),
+        cloud_hypervisor_bin=p["cloud_hypervisor_bin"],
+        bridge=p["bridge"],
+        exec_allow=tuple(p["exec_allow"]),
+        net_backend=p["net_backend"],
+    )
+
+
+def _client(ident: Any, pki: Any) -> Any:
+    from nkudo.agent.cpclient import CpClient
+
+    return CpClient(
+        ident.control_plane,
+        ca_file=pki.ca,
+        cert_file=pki.cert,
+        key_file=pki.key,
+        insecure_skip_verify=ident.insecure_skip_verify,
+    )
+
+
+def _fail(p: dict[str, Any], exc: NkudoError, advice: str = "") -> int:
+    if p.get("json"):
+        print_json({"ok": False, "error": {**exc.to_dict(), **({"advice": advice} if advice else {})}})
+    else:
+        sys.stderr.write(f"nkudo-edge: error: {exc.code}: {exc.message}\n")
+        if advice:
+            sys.stderr.write(f"  {advice}\n")
+    return 1
+
+
+# ----------------------------------------------------------------- enroll
+
+
+def _read_token(p: dict[str, Any]) -> str:
+    if p.get("token") and p.get("token_file"):
+        raise UsageError("give the token with --token (or NKUDO_ENROLL_TOKEN) or --token-file, not both")
+    if p.get("token_file"):
+        try:
+            with open(p["token_file"], encoding="utf-8") as f:
+                tok = f.read().strip()
+        except OSError as exc:
+            raise ValidationError(
+                f"cannot read --token-file {p['token_file']!r}: {exc.strerror}", field="token_file"
+            ) from None
+    else:
+        tok = (p.get("token") or "").strip()
+    if not tok:
+        raise UsageError("an enrollment token is required: --token, NKUDO_ENROLL_TOKEN or --token-file")
+    if len(tok) > 512 or any(c.isspace() for c in tok):
+        raise ValidationError(
+            "the enrollment token is malformed (at most 512 characters, no spaces)", field="token"
+        )
+    return tok
+
+
+def _labels(raw: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in raw:
+        k, sep, v = item.partition("=")
+        if not sep or not k or len(k) > 256 or len(v) > 256:
+            raise ValidationError(f"--label {item!r} must be KEY=VALUE", field="label")
+        out[k] = v
+    return out
+
+
+def run_enroll(p: dict[str, Any]) -> int:
+    from nkudo.agent.cpclient import CpClient, CpError, CpUnreachable
+    from nkudo.agent.identity import (
+        Identity,
+        Pki,
+        host_fingerprint,
+        load_identity,
+        new_key_and_csr,
+        save_identity,
+    )
+    from nkudo.agent.state import StateStore
+    from nkudo.wire import messages as wm
+
+    try:
+        token = _read_token(p)
+        labels = _labels(tuple(p["label"]))
+        hostname = p.get("hostname") or socket.gethostname()
+        if p.get("insecure_skip_verify"):
+            sys.stderr.write(
+                "WARNING: --insecure-skip-verify: the control plane's identity is NOT verified (development only)\n"
+            )
+        client = CpClient(
+            p["control_plane"], ca_file=p.get("ca_file"), insecure_skip_verify=p["insecure_skip_verify"]
+        )
+        store = StateStore(p["state_dir"])
+    except UsageError:
+        raise
+    except NkudoError as exc:
+        return _fail(p, exc)
+    pki = Pki(p["pki_dir"])
+    try:
+        existing = load_identity(store)
+        if existing is not None and not p["force"]:
+            raise NkudoError(
+                f"this host is already enrolled as agent {existing.agent_id} (site {existing.site_id}); "
+                "use --force to enroll again",
+                code="ALREADY_ENROLLED",
+            )
+        key_pem, csr_pem = new_key_and_csr(hostname)
+        req = wm.EnrollRequest(
+            enrollment_token=token,
+            csr_pem=csr_pem,
+            hostname=hostname,
+            host_fingerprint=wm.HostFingerprint(**host_fingerprint()),
+            agent_version=_version(),
+            arch=os.uname().machine,
+            kernel_version=os.uname().release,
+            labels=labels,
+        )
+        try:
+            resp = client.enroll(req)
+        except (CpError, CpUnreachable) as exc:
+            return _fail(p, exc, ENROLL_ADVICE.get(exc.code, ""))
+        pki.write(pki.key, key_pem)
+        pki.write(pki.cert, resp.client_certificate_pem.encode())
+        pki.write(pki.ca, resp.ca_certificate_pem.encode())
+        pki.write(pki.refresh, resp.refresh_token.encode())
+        ident = Identity(
+            agent_id=resp.agent_id,
+            tenant_id=resp.tenant_id,
+            site_id=resp.site_id,
+            host_id=resp.host_id,
+            control_plane=p["control_plane"],
+            hostname=hostname,
+            enrolled_at=dt.datetime.now(dt.UTC).isoformat(),
+            heartbeat_interval=resp.heartbeat_interval_seconds,
+            insecure_skip_verify=p["insecure_skip_verify"],
+        )
+        ident.record_cert(resp.client_certificate_pem.encode())
+        save_identity(store, ident)
+        store.set_meta("heartbeat", None)
+    except NkudoError as exc:
+        return _fail(p, exc)
+    finally:
+        store.close()
+        client.close()
+    out = {
+        "ok": True,
+        "agent_id": resp.agent_id,
+        "tenant_id": resp.tenant_id,
+        "site_id": resp.site_id,
+        "host_id": resp.host_id,
+        "certificate_expires_at": resp.certificate_expires_at.isoformat(),
+        "pki_dir": pki.dir,
+    }
+    if p.get("json"):
+        print_json(out)
+    else:
+        sys.stdout.write(
+            f"Enrolled: agent {resp.agent_id}\n  Tenant: {resp.tenant_id}\n  Site:   {resp.site_id}\n"
+            f"  Certificate expires {resp.certificate_expires_at:%Y-%m-%d %H:%M} UTC; credentials in {pki.dir}\n"
+            "Start the agent with: nkudo-edge run\n"
+        )
+    return 0
+
+
+def _version() -> str:
+    from nkudo import __version__
+
+    return __version__
+
+
+# -------------------------------------------------------------------- run
+
+
+def run_run(p: dict[str, Any]) -> int:
+    from nkudo.agent.daemon import Daemon, DaemonConfig
+    from nkudo.agent.identity import Pki, require_identity
+    from nkudo.agent.runtime import Agent
+
+    pki = Pki(p["pki_dir"])
+    try:
+        agent = Agent(_agent_cfg(p))
+    except NkudoError as exc:
+        return _fail(p, exc)
+    metrics_server = None
+    try:
+        ident = require_identity(agent.store, pki)
+        metrics = _metrics(agent, p)
+        metrics_server = metrics.serve(
+            p["metrics_addr"]
+        )  # None for "off"; a bad address or busy port stops start-up
+        interval = p.get("heartbeat_interval")
+        cfg = DaemonConfig(
+            interval=float(interval) if interval else float(ident.heartbeat_interval or 15),
+            interval_forced=bool(interval),
+            max_backoff=float(p["max_backoff"]),
+            shutdown_timeout=float(p["shutdown_timeout"]),
+            once=bool(p["once"]),
+        )
+        daemon = Daemon(agent, ident, pki, _client(ident, pki), cfg, metrics=metrics)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: daemon.request_stop())
+        rc = daemon.run()
+        if rc != 0:
+            sys.stderr.write(f"nkudo-edge: {daemon.exit_reason}\n")
+        return rc
+    except NkudoError as exc:
+        return _fail(p, exc)
+    finally:
+        if metrics_server is not None:
+            metrics_server.stop()
+        agent.close()
+
+
+def _metrics(agent: Any, p: dict[str, Any]) -> Any:
+    from nkudo import __version__
+    from nkudo.agent.metrics import AgentMetrics
+
+    return AgentMetrics(agent.store, [p["state_dir"], p["runtime_dir"], p["snapshot_dir"]], __version__)
+
+
+# ----------------------------------------------------------------- status
+
+
+def run_status(p: dict[str, Any]) -> int:
+    from nkudo.agent.identity import Pki, load_cert_info, load_identity
+    from nkudo.agent.state import StateStore
+    from nkudo.vmstate import VmStatus
+
+    if not os.path.exists(os.path.join(p["state_dir"], "agent.db")):
+        doc: dict[str, Any] = {"enrolled": False, "state_dir": p["state_dir"]}
+        if p.get("json"):
+            print_json(doc)
+        else:
+            sys.stdout.write(
+                "Agent Status: not enrolled\n  (no state in {}; run nkudo-edge enroll)\n".format(p["state_dir"])
+            )
+        return 1
+    store = StateStore(p["state_dir"])
+    try:
+        ident = load_identity(store)
+        pki = Pki(p["pki_dir"])
+        cert = load_cert_info(pki)
+        hb = json.loads(store.get_meta("heartbeat") or "{}")
+        counts = {s.value: 0 for s in VmStatus}
+        for vm in store.list_vms():
+            counts[vm.status.value] += 1
+    finally:
+        store.close()
+    now = dt.datetime.now(dt.UTC)
+    doc = {
+        "enrolled": ident is not None,
+        "agent_id": ident.agent_id if ident else None,
+        "tenant_id": ident.tenant_id if ident else None,
+        "site_id": ident.site_id if ident else None,
+        "host_id": ident.host_id if ident else None,
+        "control_plane": ident.control_plane if ident else None,
+        "certificate": None,
+        "connection": {
+            "last_heartbeat_at": _ts(hb.get("last_success_at")),
+            "last_heartbeat_age_seconds": round(now.timestamp() - hb["last_success_at"], 1)
+            if hb.get("last_success_at")
+            else None,
+            "last_attempt_at": _ts(hb.get("last_attempt_at")),
+            "status": hb.get("status", "never connected"),
+            "error": hb.get("error"),
+        },
+        "vms": {k.lower(): v for k, v in counts.items()},
+    }
+    if cert is not None:
+        doc["certificate"] = {
+            "serial": cert.serial,
+            "expires_at": cert.not_after.isoformat(),
+            "days_remaining": cert.remaining(now).days,
+            "valid": cert.valid(now),
+            "renew_due": cert.renew_due(now),
+        }
+    rc = 0 if ident is not None else 1
+    if p.get("check_connection") and ident is not None:
+        check = _probe_connection(ident, pki)
+        doc["connection"]["check"] = check
+        if not check["ok"]:
+            rc = 1
+    if p.get("json"):
+        print_json(doc)
+        return rc
+    colour = use_colour(sys.stdout)
+    lines = [f"Agent Status: {'enrolled' if ident else 'not enrolled'}"]
+    if ident:
+        lines += [
+            f"Agent ID:     {ident.agent_id}",
+            f"Tenant ID:    {ident.tenant_id}",
+            f"Site ID:      {ident.site_id}",
+            f"Control plane: {ident.control_plane}",
+            "",
+            "Certificate:",
+        ]
+        if cert is None:
+            lines.append(paint("  missing (credentials not found in " + pki.dir + ")", "red", colour))
+        else:
+            lines += [
+                f"  Expires:    {cert.not_after:%Y-%m-%d %H:%M} UTC ({_left(cert.remaining(now))} remaining)",
+                f"  Valid:      {'yes' if cert.valid(now) else paint('no', 'red', colour)}",
+            ]
+        c = doc["connection"]
+        lines += ["", "Connection:"]
+        if c["last_heartbeat_at"]:
+            lines.append(
+                f"  Last Heartbeat: {c['last_heartbeat_at'][:19].replace('T', ' ')} UTC ({_age(c['last_heartbeat_age_seconds'])} ago)"
+            )
+        else:
+            lines.append("  Last Heartbeat: never")
+        status = c["status"] if not c.get("check") else ("connected" if c["check"]["ok"] else "unreachable")
+        lines.append(
+            f"  Status:         {status}"
+            + (f" ({c['error']})" if c.get("error") and status != "connected" else "")
+        )
+        if c.get("check") and not c["check"]["ok"]:
+            lines.append(f"  Check:          {c['check']['error']}")
+    lines += ["", "VMs: " + (", ".join(f"{v} {k}" for k, v in doc["vms"].items() if v) or "none")]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return rc
+
+
+def _left(delta: dt.timedelta) -> str:
+    secs = delta.total_seconds()
+    if secs <= 0:
+        return "none: expired"
+    return (
+        f"{int(secs // 86400)} days"
+        if secs >= 2 * 86400
+        else f"{int(secs // 3600)}h {int(secs % 3600 // 60)}m"
+    )
+
+
+def _ts(v: float | None) -> str | None:
+    return None if v is None else dt.datetime.fromtimestamp(v, dt.UTC).isoformat()
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    return f"{s}s" if s < 120 else (f"{s // 60}m" if s < 7200 else f"{s // 3600}h")
+
+
+def _probe_connection(ident: Any, pki: Any) -> dict[str, Any]:
+    """An authenticated round trip that changes nothing: GET /v1/plans/next would lease, so use /readyz over mTLS."""
+    from nkudo.agent.cpclient import CpError, CpUnreachable
+
+    client = _client(ident, pki)
+    try:
+        status, _ = client.request("GET", "/readyz")
+        return {
+            "ok": status == 200,
+            "http_status": status,
+            "error": None if status == 200 else f"HTTP {status}",
+        }
+    except (CpError, CpUnreachable) as exc:
+        return {"ok": False, "error": exc.message}
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------- unenroll
+
+
+def run_unenroll(p: dict[str, Any]) -> int:
+    from nkudo.agent.cpclient import CpError, CpUnreachable
+    from nkudo.agent.identity import IDENTITY_KEY, Pki, load_identity
+    from nkudo.agent.plan import parse_action
+    from nkudo.agent.runtime import Agent
+    from nkudo.wire import messages as wm
+
+    if p["keep_vms"] and p["delete_vms"]:
+        raise UsageError("--keep-vms and --delete-vms exclude each other")
+    pki = Pki(p["pki_dir"])
+    try:
+        agent = Agent(_agent_cfg(p))
+    except NkudoError as exc:
+        return _fail(p, exc)
+    try:
+        ident = load_identity(agent.store)
+        if ident is None:
+            return _fail(p, NkudoError("this host is not enrolled; nothing to do", code="NOT_ENROLLED"))
+        vms = agent.store.list_vms()
+        delete = not p["keep_vms"]
+        if not p["yes"] and sys.stdin.isatty():
+            what = f" and stop and delete {len(vms)} VM(s)" if delete and vms else ""
+            sys.stdout.write(f"Unenroll agent {ident.agent_id} from {ident.control_plane}{what}? [y/N] ")
+            sys.stdout.flush()
+            if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+                sys.stdout.write("Aborted; nothing changed.\n")
+                return 1
+        remote = "done"
+        client = _client(ident, pki)
+        try:
+            client.unenroll(wm.UnenrollRequest())
+        except (CpError, CpUnreachable) as exc:
+            if isinstance(exc, CpError) and exc.code in (
+                "AGENT_UNENROLLED",
+                "UNKNOWN_AGENT",
+                "CERTIFICATE_REVOKED",
+            ):
+                remote = f"already gone ({exc.code})"
+            elif not p["force"]:
+                return _fail(
+                    p,
+                    exc,
+                    "Nothing was changed. Retry when the control plane is reachable, or use --force to clean up locally.",
+                )
+            else:
+                remote = f"NOT notified ({exc.message}); the control plane still lists this agent"
+        finally:
+            client.close()
+        deleted: list[str] = []
+        if delete:
+            agent.reconcile()
+            for vm in vms:
+                a = parse_action(
+                    {
+                        "action_id": f"unenroll-delete-{vm.vm_id}",
+                        "type": "MicroVMDelete",
+                        "params": {"vm_id": vm.vm_id},
+                    }
+                )
+                out = agent.executor.execute(a)
+                if out.ok:
+                    deleted.append(vm.vm_id)
+        removed = pki.remove()
+        agent.store.set_meta(IDENTITY_KEY, None)
+        agent.store.set_meta("heartbeat", None)
+    finally:
+        agent.close()
+    kept = [] if delete else [v.vm_id for v in vms]
+    doc = {
+        "ok": True,
+        "control_plane": remote,
+        "vms_deleted": deleted,
+        "vms_kept": kept,
+        "credentials_removed": removed,
+    }
+    if p.get("json"):
+        print_json(doc)
+    else:
+        sys.stdout.write(f"Unenrolled. Control plane: {remote}.\n")
+        sys.stdout.write(f"VMs deleted: {', '.join(deleted) or 'none'}; kept: {', '.join(kept) or 'none'}\n")
+        sys.stdout.write(f"Credentials removed from {pki.dir}.\n")
+    return 0
+
+
+# ------------------------------------------------------------------ renew
+
+
+def run_renew(p: dict[str, Any]) -> int:
+    from nkudo.agent import renewal
+    from nkudo.agent.cpclient import CpError, CpUnreachable
+    from nkudo.agent.identity import Pki, load_cert_info, require_identity, save_identity
+    from nkudo.agent.state import StateStore
+
+    store = StateStore(p["state_dir"])
+    pki = Pki(p["pki_dir"])
+    try:
+        ident = require_identity(store, pki)
+        renewal.roll_forward(pki)
+        info = load_cert_info(pki)
+        if info is not None and not info.renew_due() and not p["force"]:
+            return _fail(
+                p,
+                NkudoError(
+                    f"the certificate is not due for renewal yet (expires {info.not_after:%Y-%m-%d %H:%M} UTC; "
+                    "renewal starts at two thirds of its lifetime)",
+                    code="RENEW_NOT_DUE",
+                ),
+                "Use --force to renew now.",
+            )
+        client = _client(ident, pki)
+        try:
+            resp = renewal.renew(client, pki, ident.agent_id)
+        except (CpError, CpUnreachable) as exc:
+            return _fail(p, exc)
+        finally:
+            client.close()
+        ident.record_cert(resp.client_certificate_pem.encode())
+        save_identity(store, ident)
+    except NkudoError as exc:
+        return _fail(p, exc)
+    finally:
+        store.close()
+    if p.get("json"):
+        print_json({"ok": True, "certificate_expires_at": resp.certificate_expires_at.isoformat()})
+    else:
+        sys.stdout.write(
+            f"Certificate renewed; it expires {resp.certificate_expires_at:%Y-%m-%d %H:%M} UTC.\n"
+        )
+    return 0
+
+
+# ------------------------------------------------------- verify-heartbeat
+
+
+def run_verify_heartbeat(p: dict[str, Any]) -> int:
+    import time
+
+    from nkudo.agent.cpclient import CpError, CpUnreachable
+    from nkudo.agent.identity import Pki, require_identity
+    from nkudo.agent.state import StateStore
+    from nkudo.wire import messages as wm
+
+    store = StateStore(p["state_dir"])
+    pki = Pki(p["pki_dir"])
+    try:
+        ident = require_identity(store, pki)
+        client = _client(ident, pki)
+        t0 = time.monotonic()
+        try:
+            resp = client.heartbeat(wm.HeartbeatRequest(agent_version=_version(), lease=False))
+        except (CpError, CpUnreachable) as exc:
+            return _fail(p, exc)
+        finally:
+            client.close()
+    except NkudoError as exc:
+        return _fail(p, exc)
+    finally:
+        store.close()
+    took = time.monotonic() - t0
+    doc = {
+        "ok": True,
+        "round_trip_ms": round(took * 1000, 1),
+        "next_heartbeat_seconds": resp.next_heartbeat_seconds,
+    }
+    if p.get("json"):
+        print_json(doc)
+    else:
+        sys.stdout.write(f"Heartbeat OK: {doc['round_trip_ms']} ms round trip to {ident.control_plane}\n")
+    return 0
+
+
+RUNNERS = {
+    "enroll": run_enroll,
+    "run": run_run,
+    "status": run_status,
+    "unenroll": run_unenroll,
+    "renew": run_renew,
+    "verify-heartbeat": run_verify_heartbeat,
+}
