@@ -103,10 +103,12 @@ def parse_plan(doc: Any) -> tuple[str | None, list[Action]]:
     """Validate a whole plan; return (plan_id, actions) or raise ``ValidationError``."""
     plan_id = None
     if isinstance(doc, dict):
-        extra = sorted(set(doc) - {"plan_id", "actions", "description"})
+        # The control plane's plan format ({idempotency_key, actions}) is accepted as is, so one file
+        # can be applied locally or submitted with `nkudo-control-plane plan apply`.
+        extra = sorted(set(doc) - {"plan_id", "actions", "idempotency_key"})
         if extra:
             raise ValidationError(f"plan has unknown field {extra[0]!r}", field=extra[0])
-        plan_id = doc.get("plan_id")
+        plan_id = doc.get("plan_id", doc.get("idempotency_key"))
         if plan_id is not None and (not isinstance(plan_id, str) or not ACTION_ID_RE.match(plan_id)):
             raise ValidationError("plan_id is malformed", field="plan_id")
         raw_actions = doc.get("actions")
