@@ -144,8 +144,18 @@ def cp_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def cp_extra(request: pytest.FixtureRequest) -> list[str]:
+    """Extra `serve` flags for one test (parametrize indirectly)."""
+    return list(getattr(request, "param", []))
+
+
+@pytest.fixture
 def cp(
-    in_netns: str, cp_backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+    in_netns: str,
+    cp_backend: str,
+    cp_extra: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Server]:
     subprocess.run(["ip", "link", "add", "br0", "type", "bridge"], check=True)
     subprocess.run(["ip", "link", "set", "br0", "up"], check=True)
@@ -154,7 +164,7 @@ def cp(
         url = request.getfixturevalue("pg_url")
     srv = start_server(tmp_path_factory.mktemp("cp"), database_url=url,
                        extra=["--lease-ttl", "3", "--offline-after", "3", "--sweep-interval", "0.5", "--heartbeat-interval", "1",
-                              "--renew-grace", "1"])  # fmt: skip
+                              "--renew-grace", "1", *cp_extra])  # fmt: skip
     yield srv
     srv.stop()
 

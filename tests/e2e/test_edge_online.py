@@ -232,3 +232,33 @@ def test_plan_flow_on_postgresql(cp: Server, tenant: Tenant, host: EdgeHost) -> 
     done = wait_for(lambda: _plan_done(tenant, plan["plan_id"]), timeout=60, what="plan done")
     assert done["plan_status"] == "SUCCEEDED" and all(e["state"] == "SUCCEEDED" for e in done["executions"])
     assert h.stop() == 0
+
+
+@pytest.mark.parametrize("cp_extra", [["--agent-cert-ttl", "9"]], indirect=True)
+def test_daemon_renews_its_certificate_and_keeps_working(
+    cp_extra: list[str], cp: Server, tenant: Tenant, host: EdgeHost
+) -> None:
+    """Renewal at 2/3 of the lifetime, on the live connection; afterwards only the new certificate works."""
+    h = host
+    tok = tenant.token()
+    assert h.enroll(tok).returncode == 0
+    first = (h.pki / "agent.crt").read_bytes()
+    refresh = (h.pki / "refresh-token").read_text()
+    h.start()
+    wait_for(lambda: (h.pki / "agent.crt").read_bytes() != first, timeout=20, what="automatic renewal")
+    renewed = [x for x in h.log_records() if x.get("msg") == "certificate renewed"]
+    assert renewed and "expires_at" in renewed[0]
+    # heartbeats continue past the old certificate's grace period, on the new certificate
+    time.sleep(2.5)
+    before = json.loads(h.edge("status", "--json", "--pki-dir", str(h.pki)).stdout)["connection"][
+        "last_heartbeat_at"
+    ]
+    time.sleep(1.5)
+    after = json.loads(h.edge("status", "--json", "--pki-dir", str(h.pki)).stdout)["connection"]
+    assert after["status"] == "connected" and after["last_heartbeat_at"] != before
+    assert h.proc is not None and h.proc.poll() is None
+    assert h.stop() == 0
+    # secrets never reach the logs
+    text = h.log.read_text()
+    assert tok not in text and refresh not in text and (h.pki / "refresh-token").read_text() not in text
+    assert "PRIVATE KEY" not in text
