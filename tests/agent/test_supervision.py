@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -113,3 +114,23 @@ def test_adopted_vmm_is_supervised_after_restart(rig: tuple[Path, Path]) -> None
         assert _wait(lambda: second.store.get_vm("vm-1").status == VmStatus.CRASHED)  # type: ignore[union-attr]
     finally:
         second.close()
+
+
+def test_reconcile_sweeps_only_our_orphaned_taps(rig: tuple[Path, Path]) -> None:
+    from nkudo.net.hostnet import open_backend
+
+    root, images = rig
+    subprocess.run(["ip", "tuntap", "add", "foreign0", "mode", "tap"], check=True)
+    with open_backend("auto") as net:
+        orphan = net.create_tap("gone-vm", 0, bridge="br0").name  # carries the marker of a VM we do not know
+    agent = _agent(root, images)
+    try:
+        assert agent.executor.run_plan(_create(images))[0].ok
+        kept = agent.store.get_vm("vm-1").taps  # type: ignore[union-attr]
+        report = agent.reconcile()
+        assert report["taps_swept"] == [orphan]
+        links = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
+        names = {lk["ifname"] for lk in json.loads(links)}
+        assert orphan not in names and "foreign0" in names and set(kept) <= names
+    finally:
+        agent.close()
