@@ -223,7 +223,10 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], env: dict[str, str],
     assert r.stdout == ""
 
 
-@pytest.mark.parametrize("cmd", [[], ["version"], ["check"], ["hostfacts"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [[], ["version"], ["check"], ["hostfacts"], ["apply"], ["enroll"], ["run"], ["status"], ["unenroll"], ["renew"], ["verify-heartbeat"]],
+)
 def test_help_exits_zero(cmd: list[str]) -> None:
     r = run(*cmd, "--help")
     assert r.returncode == 0
