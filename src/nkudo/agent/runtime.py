@@ -25,6 +25,9 @@ class AgentConfig:
     snapshot_dir: str = "/var/lib/nkudo-edge/snapshots"
     image_roots: tuple[str, ...] = ("/var/lib/nkudo-edge/images",)
     cloud_hypervisor_bin: str = "cloud-hypervisor"
+    provider: str = "cloud-hypervisor"  # or "qemu"
+    qemu_bin: str = "qemu-system-x86_64"
+    qemu_accel: str = "auto"  # auto | kvm | tcg (see nkudo.agent.providers.qemu)
     bridge: str = "br0"
     exec_allow: tuple[str, ...] = ()
     net_backend: str = "auto"
@@ -44,6 +47,10 @@ class Agent:
         for d in (cfg.runtime_dir, cfg.snapshot_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self.store = StateStore(cfg.state_dir)
+        if provider is None and cfg.provider == "qemu":
+            from nkudo.agent.providers.qemu import QemuProvider
+
+            provider = QemuProvider(cfg.qemu_bin, accel=cfg.qemu_accel, on_exit=self._vmm_exited)
         self.provider: Provider = provider or CloudHypervisorProvider(
             cfg.cloud_hypervisor_bin, on_exit=self._vmm_exited
         )

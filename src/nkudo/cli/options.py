@@ -84,7 +84,7 @@ GLOBAL_OPTS = (
 JSON_OPT = Opt("--json", is_flag=True, default=False, help="Print JSON instead of text.")
 
 CHECK_IDS = (
-    "kvm", "cpu_virt", "kernel", "tun", "vhost_net", "cloud_hypervisor", "bridge",
+    "kvm", "kvm_exec", "cpu_virt", "kernel", "tun", "vhost_net", "cloud_hypervisor", "qemu", "bridge",
     "state_dir", "disk", "memory", "netbird", "cgroup", "privileges", "pidfd",
 )  # fmt: skip
 
@@ -205,6 +205,26 @@ AGENT_OPTS: tuple[Opt, ...] = (
         default="cloud-hypervisor",
         envvar="NKUDO_CLOUD_HYPERVISOR_BIN",
         help="Cloud Hypervisor binary (nkudo-ch-sim to simulate).",
+    ),
+    Opt(
+        "--provider",
+        default="cloud-hypervisor",
+        envvar="NKUDO_PROVIDER",
+        choices=("cloud-hypervisor", "qemu"),
+        help="Hypervisor that runs the VMs.",
+    ),
+    Opt(
+        "--qemu-bin",
+        default="qemu-system-x86_64",
+        envvar="NKUDO_QEMU_BIN",
+        help="QEMU binary for --provider qemu (name on PATH or path).",
+    ),
+    Opt(
+        "--qemu-accel",
+        default="auto",
+        envvar="NKUDO_QEMU_ACCEL",
+        choices=("auto", "kvm", "tcg"),
+        help="QEMU accelerator; auto uses KVM only where it is proven to run guests, else TCG.",
     ),
     Opt(
         "--bridge",
