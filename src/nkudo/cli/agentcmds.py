@@ -26,7 +26,8 @@ ENROLL_ADVICE = {
 }
 
 
-def _agent_cfg(p: dict[str, Any]) -> Any:
+def agent_config(p: dict[str, Any]) -> Any:
+    """The AgentConfig of every command that runs VMs (apply, run, unenroll), from AGENT_OPTS."""
     from nkudo.agent.runtime import AgentConfig
 
     return AgentConfig(
@@ -35,6 +36,9 @@ def _agent_cfg(p: dict[str, Any]) -> Any:
         snapshot_dir=p["snapshot_dir"],
         image_roots=tuple(p["image_root"]),
         cloud_hypervisor_bin=p["cloud_hypervisor_bin"],
+        provider=p["provider"],
+        qemu_bin=p["qemu_bin"],
+        qemu_accel=p["qemu_accel"],
         bridge=p["bridge"],
         exec_allow=tuple(p["exec_allow"]),
         net_backend=p["net_backend"],
@@ -53,7 +57,8 @@ def _client(ident: Any, pki: Any) -> Any:
     )
 
 
-def _fail(p: dict[str, Any], exc: NkudoError, advice: str = "") -> int:
+def fail(p: dict[str, Any], exc: NkudoError, advice: str = "") -> int:
+    """Report ``exc`` (JSON with --json, else one line on stderr plus advice); exit code 1."""
     if p.get("json"):
         print_json({"ok": False, "error": {**exc.to_dict(), **({"advice": advice} if advice else {})}})
     else:
@@ -126,7 +131,7 @@ def run_enroll(p: dict[str, Any]) -> int:
     except UsageError:
         raise
     except NkudoError as exc:
-        return _fail(p, exc)
+        return fail(p, exc)
     pki = Pki(p["pki_dir"])
     try:
         existing = load_identity(store)
@@ -150,7 +155,7 @@ def run_enroll(p: dict[str, Any]) -> int:
         try:
             resp = client.enroll(req)
         except (CpError, CpUnreachable) as exc:
-            return _fail(p, exc, ENROLL_ADVICE.get(exc.code, ""))
+            return fail(p, exc, ENROLL_ADVICE.get(exc.code, ""))
         pki.write(pki.key, key_pem)
         pki.write(pki.cert, resp.client_certificate_pem.encode())
         pki.write(pki.ca, resp.ca_certificate_pem.encode())
@@ -170,7 +175,7 @@ def run_enroll(p: dict[str, Any]) -> int:
         save_identity(store, ident)
         store.set_meta("heartbeat", None)
     except NkudoError as exc:
-        return _fail(p, exc)
+        return fail(p, exc)
     finally:
         store.close()
         client.close()
@@ -210,9 +215,9 @@ def run_run(p: dict[str, Any]) -> int:
 
     pki = Pki(p["pki_dir"])
     try:
-        agent = Agent(_agent_cfg(p))
+        agent = Agent(agent_config(p))
     except NkudoError as exc:
-        return _fail(p, exc)
+        return fail(p, exc)
     metrics_server = None
     try:
         ident = require_identity(agent.store, pki)
@@ -236,7 +241,7 @@ def run_run(p: dict[str, Any]) -> int:
             sys.stderr.write(f"nkudo-edge: {daemon.exit_reason}\n")
         return rc
     except NkudoError as exc:
-        return _fail(p, exc)
+        return fail(p, exc)
     finally:
         if metrics_server is not None:
             metrics_server.stop()
@@ -407,13 +412,13 @@ def run_unenroll(p: dict[str, Any]) -> int:
         raise UsageError("--keep-vms and --delete-vms exclude each other")
     pki = Pki(p["pki_dir"])
     try:
-        agent = Agent(_agent_cfg(p))
+        agent = Agent(agent_config(p))
     except NkudoError as exc:
-        return _fail(p, exc)
+        return fail(p, exc)
     try:
         ident = load_identity(agent.store)
         if ident is None:
-            return _fail(p, NkudoError("this host is not enrolled; nothing to do", code="NOT_ENROLLED"))
+            return fail(p, NkudoError("this host is not enrolled; nothing to do", code="NOT_ENROLLED"))
         vms = agent.store.list_vms()
         delete = not p["keep_vms"]
         if not p["yes"] and sys.stdin.isatty():
@@ -435,7 +440,7 @@ def run_unenroll(p: dict[str, Any]) -> int:
             ):
                 remote = f"already gone ({exc.code})"
             elif not p["force"]:
-                return _fail(
+                return fail(
                     p,
                     exc,
                     "Nothing was changed. Retry when the control plane is reachable, or use --force to clean up locally.",
@@ -496,7 +501,7 @@ def run_renew(p: dict[str, Any]) -> int:
         renewal.roll_forward(pki)
         info = load_cert_info(pki)
         if info is not None and not info.renew_due() and not p["force"]:
-            return _fail(
+            return fail(
                 p,
                 NkudoError(
                     f"the certificate is not due for renewal yet (expires {info.not_after:%Y-%m-%d %H:%M} UTC; "
@@ -509,13 +514,13 @@ def run_renew(p: dict[str, Any]) -> int:
         try:
             resp = renewal.renew(client, pki, ident.agent_id)
         except (CpError, CpUnreachable) as exc:
-            return _fail(p, exc)
+            return fail(p, exc)
         finally:
             client.close()
         ident.record_cert(resp.client_certificate_pem.encode())
         save_identity(store, ident)
     except NkudoError as exc:
-        return _fail(p, exc)
+        return fail(p, exc)
     finally:
         store.close()
     if p.get("json"):
@@ -547,11 +552,11 @@ def run_verify_heartbeat(p: dict[str, Any]) -> int:
         try:
             resp = client.heartbeat(wm.HeartbeatRequest(agent_version=_version(), lease=False))
         except (CpError, CpUnreachable) as exc:
-            return _fail(p, exc)
+            return fail(p, exc)
         finally:
             client.close()
     except NkudoError as exc:
-        return _fail(p, exc)
+        return fail(p, exc)
     finally:
         store.close()
     took = time.monotonic() - t0

@@ -140,44 +140,23 @@ def _load_plan(spec: str) -> Any:
 
 def run_apply(p: dict[str, Any]) -> int:
     from nkudo.agent.plan import parse_plan
-    from nkudo.agent.runtime import Agent, AgentConfig
+    from nkudo.agent.runtime import Agent
+    from nkudo.cli.agentcmds import agent_config, fail
     from nkudo.errors import NkudoError
 
     try:
         doc = _load_plan(p["plan"])
         plan_id, actions = parse_plan(doc)
-        agent = Agent(
-            AgentConfig(
-                state_dir=p["state_dir"],
-                runtime_dir=p["runtime_dir"],
-                snapshot_dir=p["snapshot_dir"],
-                image_roots=tuple(p["image_root"]),
-                cloud_hypervisor_bin=p["cloud_hypervisor_bin"],
-                provider=p["provider"],
-                qemu_bin=p["qemu_bin"],
-                qemu_accel=p["qemu_accel"],
-                bridge=p["bridge"],
-                exec_allow=tuple(p["exec_allow"]),
-                net_backend=p["net_backend"],
-            )
-        )
+        agent = Agent(agent_config(p))
     except NkudoError as exc:
-        if p.get("json"):
-            print_json({"ok": False, "error": exc.to_dict()})
-        else:
-            sys.stderr.write(f"nkudo-edge: error: {exc.code}: {exc.message}\n")
-        return 1
+        return fail(p, exc)
     try:
         agent.reconcile()
         if any(a.vm_id for a in actions if a.type == "MicroVMCreate"):
             agent.network.ensure_bridge(p["bridge"])  # type: ignore[attr-defined]
         outcomes = agent.executor.run_plan(actions)
     except NkudoError as exc:
-        if p.get("json"):
-            print_json({"ok": False, "error": exc.to_dict()})
-        else:
-            sys.stderr.write(f"nkudo-edge: error: {exc.code}: {exc.message}\n")
-        return 1
+        return fail(p, exc)
     finally:
         agent.close()
     ok = all(o.ok for o in outcomes)

@@ -81,6 +81,17 @@ GLOBAL_OPTS = (
     ),
 )
 
+RUNTIME_DIR_OPT = Opt(
+    "--runtime-dir",
+    default="/var/lib/nkudo-edge/vms",
+    envvar="NKUDO_RUNTIME_DIR",
+    kind="path",
+    help="VM runtime directory.",
+)
+KVM_DEVICE_OPT = Opt(
+    "--kvm-device", default="/dev/kvm", envvar="NKUDO_KVM_DEVICE", kind="path", help="KVM device to probe."
+)
+
 JSON_OPT = Opt("--json", is_flag=True, default=False, help="Print JSON instead of text.")
 
 CHECK_IDS = (
@@ -92,13 +103,7 @@ COMMAND_OPTS: dict[str, tuple[Opt, ...]] = {
     "version": (JSON_OPT,),
     "check": (
         JSON_OPT,
-        Opt(
-            "--kvm-device",
-            default="/dev/kvm",
-            envvar="NKUDO_KVM_DEVICE",
-            kind="path",
-            help="KVM device to probe.",
-        ),
+        KVM_DEVICE_OPT,
         Opt(
             "--tun-device",
             default="/dev/net/tun",
@@ -119,13 +124,7 @@ COMMAND_OPTS: dict[str, tuple[Opt, ...]] = {
             kind="ifname",
             help="Bridge the VMs' TAPs attach to.",
         ),
-        Opt(
-            "--runtime-dir",
-            default="/var/lib/nkudo-edge/vms",
-            envvar="NKUDO_RUNTIME_DIR",
-            kind="path",
-            help="VM runtime directory.",
-        ),
+        RUNTIME_DIR_OPT,
         Opt(
             "--min-disk-gib",
             default=10.0,
@@ -152,20 +151,8 @@ COMMAND_OPTS: dict[str, tuple[Opt, ...]] = {
 }
 
 COMMAND_OPTS["hostfacts"] = (
-    Opt(
-        "--runtime-dir",
-        default="/var/lib/nkudo-edge/vms",
-        envvar="NKUDO_RUNTIME_DIR",
-        kind="path",
-        help="VM runtime directory.",
-    ),
-    Opt(
-        "--kvm-device",
-        default="/dev/kvm",
-        envvar="NKUDO_KVM_DEVICE",
-        kind="path",
-        help="KVM device to probe.",
-    ),
+    RUNTIME_DIR_OPT,
+    KVM_DEVICE_OPT,
 )
 
 PKI_OPT = Opt(
@@ -178,13 +165,7 @@ PKI_OPT = Opt(
 
 # Options of everything that runs VMs (apply, run, unenroll's VM clean-up).
 AGENT_OPTS: tuple[Opt, ...] = (
-    Opt(
-        "--runtime-dir",
-        default="/var/lib/nkudo-edge/vms",
-        envvar="NKUDO_RUNTIME_DIR",
-        kind="path",
-        help="VM runtime directory.",
-    ),
+    RUNTIME_DIR_OPT,
     Opt(
         "--snapshot-dir",
         default="/var/lib/nkudo-edge/snapshots",
