@@ -181,11 +181,6 @@ def _teardown(handles: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue 5 open: heartbeat ingest is below the 1,000/s target on this 2-core host "
-    "(SQLite ~770-1040/s, PostgreSQL ~590-630/s); it runs and records its numbers every time",
-    strict=False,
-)
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_heartbeat_ingest(backend: str, tmp_path: Path) -> None:
     handles, _tenant, agents = _setup(backend, tmp_path, HB_AGENTS, [])

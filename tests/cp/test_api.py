@@ -480,3 +480,13 @@ def test_quiet_heartbeats_keep_agent_online(server: Server, tenant: Tenant, agen
     [a] = tenant.client.call("GET", f"/sites/{tenant.site_id}/agents")["agents"]
     assert a["state"] == "ONLINE"
     agent.close()
+
+
+def test_probe_heartbeat_leases_nothing(server: Server, tenant: Tenant, agent_dir: Path) -> None:
+    """`lease: false` (nkudo-edge verify-heartbeat) answers but never takes work the daemon would run."""
+    a = Agent(server, agent_dir).enroll(tenant.token())
+    plan = tenant.plan([create_action("vmprobe")])
+    probe = a.heartbeat(lease=False)
+    assert probe["pending_plans"] == [] and probe["next_heartbeat_seconds"] > 0
+    assert tenant.client.call("GET", f"/plans/{plan['plan_id']}")["executions"][0]["state"] == "PENDING"
+    assert a.heartbeat()["pending_plans"][0]["plan_id"] == plan["plan_id"]

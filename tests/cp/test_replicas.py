@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from nkudo.cp.pki import CertificateAuthority
 
@@ -74,6 +75,50 @@ def test_two_replicas_never_double_lease(pg_cluster: Cluster, tmp_path: Path) ->
         assert states == {"SUCCEEDED"}
         assert len({a for s in delivered.values() for a in s}) > 1  # the work really was spread
         for pair in agents:
+            for a in pair:
+                a.close()
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_unenroll_on_one_replica_is_refused_at_once_by_the_other(pg_cluster: Cluster, tmp_path: Path) -> None:
+    """Heartbeat authorisation reads are batched, never cached: no window where the other replica accepts."""
+    url = pg_cluster.create_database()
+    ca = CertificateAuthority.generate()
+    (tmp_path / "ca.crt").write_text(ca.cert_pem)
+    (tmp_path / "ca.key").write_bytes(ca.key_pem())
+    pki = ["--ca-cert-file", str(tmp_path / "ca.crt"), "--ca-key-file", str(tmp_path / "ca.key")]
+    admin_key = "replica-admin-" + uuid.uuid4().hex
+    servers = [start_server(tmp_path / f"r{i}", database_url=url, admin_key=admin_key, extra=pki) for i in range(2)]
+    try:
+        tenant = new_tenant(servers[0])
+        pairs = [[Agent(srv, tmp_path / "agents") for srv in servers] for _ in range(6)]
+        for pair in pairs:
+            pair[0].enroll(tenant.token())
+            pair[1].enrolled, pair[1].key = pair[0].enrolled, pair[0].key
+            pair[1].install(pair[0].enrolled["client_certificate_pem"])
+
+        def beat_all_on_replica_1() -> list[tuple[int, Any]]:
+            out: list[tuple[int, Any]] = [(0, None)] * len(pairs)
+
+            def one(i: int) -> None:
+                out[i] = pairs[i][1].post("/v1/heartbeat", {"heartbeat_seq": 1})
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(pairs))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(30)
+            return out
+
+        assert [st for st, _ in beat_all_on_replica_1()] == [200] * len(pairs)
+        st, _ = pairs[0][0].post("/v1/unenroll", {"reason": "decommissioned"})
+        assert st == 204
+        got = beat_all_on_replica_1()  # immediately, concurrently with valid agents' heartbeats
+        assert got[0][0] == 401 and got[0][1]["error"]["code"] == "AGENT_UNENROLLED"
+        assert [st for st, _ in got[1:]] == [200] * (len(pairs) - 1)
+        for pair in pairs:
             for a in pair:
                 a.close()
     finally:

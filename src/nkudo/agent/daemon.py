@@ -220,17 +220,7 @@ class Daemon:
     # ----------------------------------------------------------- heartbeat
 
     def build_heartbeat(self) -> wm.HeartbeatRequest:
-        vms = []
-        for vm in self.agent.store.list_vms():
-            vms.append(
-                wm.VMSummary(
-                    vm_id=vm.vm_id,
-                    state=vm.status.value,
-                    name=vm.name,
-                    vcpus=int(vm.spec.get("vcpus", 0)),
-                    memory_mib=int(vm.spec.get("memory_mib", 0)),
-                )
-            )
+        vms = vm_summaries(self.agent.store)
         facts = None
         if self._facts is None or self.seq % FACTS_EVERY == 0:
             self._facts = host_facts(self.agent)
@@ -407,6 +397,20 @@ class Daemon:
         self.ident.record_cert(resp.client_certificate_pem.encode())
         save_identity(self.agent.store, self.ident)
         _log.info("certificate renewed", expires_at=resp.certificate_expires_at.isoformat())
+
+
+def vm_summaries(store: Any) -> list[wm.VMSummary]:
+    """The VM list every heartbeat carries (the daemon's and verify-heartbeat's alike)."""
+    return [
+        wm.VMSummary(
+            vm_id=vm.vm_id,
+            state=vm.status.value,
+            name=vm.name,
+            vcpus=int(vm.spec.get("vcpus", 0)),
+            memory_mib=int(vm.spec.get("memory_mib", 0)),
+        )
+        for vm in store.list_vms()
+    ]
 
 
 def _uuid(s: str) -> bool:

@@ -550,7 +550,11 @@ def run_verify_heartbeat(p: dict[str, Any]) -> int:
         client = _client(ident, pki)
         t0 = time.monotonic()
         try:
-            resp = client.heartbeat(wm.HeartbeatRequest(agent_version=_version(), lease=False))
+            from nkudo.agent.daemon import vm_summaries
+
+            # The same VM list as the daemon sends (so the control plane's view does not change), no leasing.
+            req = wm.HeartbeatRequest(agent_version=_version(), vms=vm_summaries(store), lease=False)
+            resp = client.heartbeat(req)
         except (CpError, CpUnreachable) as exc:
             return fail(p, exc)
         finally:

@@ -7,6 +7,7 @@ code serves both databases, and psycopg 3 / sqlite3 are used through their
 mature synchronous paths. SQLite gets one worker (it has one writer anyway)
 and ``BEGIN IMMEDIATE`` so that even several processes on one file serialise
 writes instead of failing half-way; PostgreSQL gets a pool and row locks.
+Single-statement reads that callers batch (the heartbeat's) take a cheaper autocommit path: ``select``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Row
 
 from nkudo.log import get_logger
 
@@ -54,25 +55,37 @@ def redact_url(url: str) -> str:
 
 
 class Database:
-    """Engine + worker threads; ``await db.run(fn, *args)`` runs ``fn(conn, *args)`` in one transaction."""
+    """Engine + worker threads; ``await db.run(fn, *args)`` runs ``fn(conn, *args)`` in one transaction.
+
+    ``await db.select(stmt, params)`` is the cheaper path for a read that is a single statement: it runs on
+    a second, small engine whose connections are in autocommit mode. One statement reads one consistent
+    snapshot on both databases, so the BEGIN/ROLLBACK (and, on PostgreSQL, the pre-ping) that ``run`` pays
+    per call would buy nothing; a connection found dead is replaced and the statement retried once instead.
+    It has its own thread so that such reads never queue behind write transactions (SQLite in WAL mode
+    reads concurrently with its one writer); its callers batch their reads, so one thread is enough.
+    """
 
     def __init__(self, url: str, *, pool_size: int = 8) -> None:
         self.url = normalise_url(url)
         self.engine: Engine
+        self._reader: Engine
         if self.url.startswith("sqlite"):
-            self.engine = sa.create_engine(
-                self.url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=1, max_overflow=0,
-                poolclass=sa.pool.QueuePool,
-            )
+            sqlite_args: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30},
+                                           "max_overflow": 0, "poolclass": sa.pool.QueuePool}
+            self.engine = sa.create_engine(self.url, pool_size=1, **sqlite_args)
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
+            self._reader = sa.create_engine(self.url, pool_size=1, isolation_level="AUTOCOMMIT", **sqlite_args)
+            event.listen(self._reader, "connect", _sqlite_on_connect)
             workers = 1
         else:
             self.engine = sa.create_engine(self.url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True)
+            self._reader = sa.create_engine(self.url, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT")
             workers = pool_size
         self.dialect = self.engine.dialect.name
         self.is_pg = self.dialect == "postgresql"
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nkudo-db")
+        self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nkudo-db-read")
 
     def insert(self, table: sa.Table) -> Any:
         """Dialect insert supporting ``on_conflict_do_*`` (both dialects implement it)."""
@@ -99,17 +112,20 @@ class Database:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.tx, fn, *args)
 
-    def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a read-only ``fn`` (SQLite: a deferred transaction that never takes the write lock)."""
-        with self.engine.connect().execution_options(nkudo_readonly=True) as conn:
+    def select_now(self, stmt: sa.Executable, params: dict[str, Any]) -> list[Row[Any]]:
+        """The rows of one read-only statement, in autocommit (see the class docstring)."""
+        for attempt in range(2):
             try:
-                return fn(conn, *args)
-            finally:
-                conn.rollback()
+                with self._reader.connect() as conn:
+                    return list(conn.execute(stmt, params))
+            except sa.exc.DBAPIError as exc:
+                if attempt or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
 
-    async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+    async def select(self, stmt: sa.Executable, params: dict[str, Any]) -> list[Row[Any]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.read, fn, *args)
+        return await loop.run_in_executor(self._read_pool, self.select_now, stmt, params)
 
     def migrate(self) -> str:
         """Upgrade the schema to the newest revision shipped in the package; returns it."""
@@ -141,7 +157,9 @@ class Database:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._read_pool.shutdown(wait=True)
         self.engine.dispose()
+        self._reader.dispose()
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -156,4 +174,4 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("nkudo_readonly") else "BEGIN IMMEDIATE")
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -78,8 +78,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("internal error", route=route, method=request.method)
         return error_response(500, "INTERNAL", "internal error")
     finally:
-        cp.metrics.requests.labels(request.method, route, str(status)).inc()
-        cp.metrics.latency.labels(request.method, route).observe(time.perf_counter() - t0)
+        cp.metrics.observe_request(request.method, route, status, time.perf_counter() - t0)
 
 
 async def read_body(request: web.Request, type_: type[T]) -> T:
