@@ -72,3 +72,21 @@ def require_native(name: str) -> None:
         if os.environ.get("CI") or not _native.native_disabled():
             pytest.fail(f"native module {name!r} not loaded: {_native.reason(name)}")
         pytest.skip(f"native module {name!r} disabled: {_native.reason(name)}")
+
+
+def live_pids(*needles: bytes) -> list[int]:
+    """Live (non-zombie) processes whose command line contains every one of ``needles``."""
+    out = []
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{e}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and all(n in cmd for n in needles):
+            out.append(int(e))
+    return out

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import live_pids
+
 EDGE = str(Path(sys.executable).parent / "nkudo-edge")
 
 
@@ -84,20 +86,7 @@ class Host:
 
     def vmm_pids(self) -> list[int]:
         """Live processes whose command line names an API socket under this host's runtime dir."""
-        out = []
-        for e in os.listdir("/proc"):
-            if not e.isdigit():
-                continue
-            try:
-                with open(f"/proc/{e}/cmdline", "rb") as f:
-                    cmd = f.read()
-                with open(f"/proc/{e}/stat") as f:
-                    state = f.read().rpartition(")")[2].split()[0]
-            except OSError:
-                continue
-            if str(self.vms).encode() in cmd and b"--api-socket" in cmd and state != "Z":
-                out.append(int(e))
-        return out
+        return live_pids(str(self.vms).encode(), b"--api-socket")
 
     def kill_vmms(self) -> None:
         for pid in self.vmm_pids():

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import live_pids
 from tests.cp.helpers import Server, Tenant, new_tenant, start_server
 from tests.cp.pg import free_port
 
@@ -105,18 +106,7 @@ class EdgeHost:
         return out
 
     def vmm_pids(self) -> list[int]:
-        pids = []
-        for e in os.listdir("/proc"):
-            if not e.isdigit():
-                continue
-            try:
-                cmd = Path(f"/proc/{e}/cmdline").read_bytes()
-                state = Path(f"/proc/{e}/stat").read_text().rpartition(")")[2].split()[0]
-            except OSError:
-                continue
-            if str(self.vms).encode() in cmd and b"--api-socket" in cmd and state != "Z":
-                pids.append(int(e))
-        return pids
+        return live_pids(str(self.vms).encode(), b"--api-socket")
 
     def cleanup(self) -> None:
         self.kill()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent.conftest import Host, host  # noqa: F401  (re-exported fixture)
+from tests.conftest import live_pids
 from tests.qemu import guest
 
 
@@ -40,20 +41,7 @@ def guest_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def qemu_pids(under: Path) -> list[int]:
     """Live QEMU processes whose command line names a path under ``under``."""
-    out = []
-    for e in os.listdir("/proc"):
-        if not e.isdigit():
-            continue
-        try:
-            with open(f"/proc/{e}/cmdline", "rb") as f:
-                cmd = f.read()
-            with open(f"/proc/{e}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if str(under).encode() in cmd and b"qemu-system" in cmd and state != "Z":
-            out.append(int(e))
-    return out
+    return live_pids(str(under).encode(), b"qemu-system")
 
 
 @pytest.fixture
@@ -87,5 +75,9 @@ def wait_for(path: Path, needle: str, timeout: float) -> float:
 
 
 def last_tick(path: Path) -> int:
-    ticks = [int(x.split()[1]) for x in path.read_text(errors="replace").splitlines() if x.startswith("nkudo-tick ")]
+    ticks = [
+        int(x.split()[1])
+        for x in path.read_text(errors="replace").splitlines()
+        if x.startswith("nkudo-tick ")
+    ]
     return ticks[-1] if ticks else 0
