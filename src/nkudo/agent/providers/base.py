@@ -187,6 +187,13 @@ class VmmProcessProvider:
             self._supervisor.unwatch(h)
         return h
 
+    def _finish_stop(self, h: proc.ProcessHandle, how: str) -> str:
+        """After the hypervisor was asked to quit: give it 5 s, then signals; say how it ended."""
+        if h.wait(5.0) is None:
+            how = "signal"
+        self._terminate(h)
+        return how
+
     def _terminate(self, h: proc.ProcessHandle) -> None:
         if self._supervisor is not None:
             self._supervisor.unwatch(h)

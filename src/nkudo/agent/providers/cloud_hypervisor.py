@@ -133,7 +133,4 @@ class CloudHypervisorProvider(VmmProcessProvider):
                 call(timeout=5.0)
             except ChApiError as exc:
                 self.log.debug("shutdown call failed", error=str(exc))
-        if h.wait(5.0) is None:
-            how = "signal"
-        self._terminate(h)
-        return how
+        return self._finish_stop(h, how)

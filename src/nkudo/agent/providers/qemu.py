@@ -356,10 +356,7 @@ class QemuProvider(VmmProcessProvider):
                 self._run(paths, "quit", 5.0)
             except (QmpCommandError, QmpTransportError, QmpConnectionClosedError) as exc:
                 self.log.debug("quit failed", error=str(exc))
-        if h.wait(5.0) is None:
-            how = "signal"
-        self._terminate(h)
-        return how
+        return self._finish_stop(h, how)
 
 
 def _fsync_path(path: str) -> None:
