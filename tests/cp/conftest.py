@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from .helpers import Server, Tenant, new_tenant, start_server
-from .pg import Cluster, start_cluster
+from .pg import Cluster, free_port, start_cluster
 
 # Short timings so lease expiry, renewal grace and the offline sweeper are observable in seconds.
 FAST = ["--lease-ttl", "2", "--offline-after", "2", "--sweep-interval", "0.5", "--renew-grace", "1",
-        "--heartbeat-interval", "5"]
+        "--heartbeat-interval", "5", "--crl-validity", "4"]
+#: Bearer token for /metrics, passed through the environment (the way a deployment would pass a secret).
+METRICS_TOKEN = "metrics-" + "0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +47,11 @@ def backend(request: pytest.FixtureRequest) -> str:
 def server(backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Server]:
     url = request.getfixturevalue("pg_url") if backend == "postgres" else None
-    srv = start_server(tmp_path_factory.mktemp(f"cp-{backend}"), database_url=url, extra=FAST)
+    health_port = free_port()
+    srv = start_server(tmp_path_factory.mktemp(f"cp-{backend}"), database_url=url,
+                       extra=[*FAST, "--health-listen", f"127.0.0.1:{health_port}"],
+                       env={"NKUDO_CP_METRICS_TOKEN": METRICS_TOKEN})
+    srv.health_port = health_port
     try:
         yield srv
     finally:

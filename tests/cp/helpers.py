@@ -32,6 +32,7 @@ class Server:
     backend: str
     database_url: str | None
     log_path: Path
+    health_port: int | None = None
 
     @property
     def url(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import subprocess
@@ -9,6 +10,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -17,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from nkudo.cp.client import ApiCallError
 from nkudo.cp.pki import CertificateAuthority, make_csr
 
+from .conftest import METRICS_TOKEN
 from .helpers import Agent, Server, Tenant, create_action, new_tenant
 
 
@@ -30,16 +33,70 @@ def _wait(pred, timeout: float = 8.0, step: float = 0.2):  # type: ignore[no-unt
     return pred()
 
 
-def test_health_ready_metrics(server: Server) -> None:
+def test_health_ready_metrics(server: Server, tenant: Tenant, agent_dir: Path) -> None:
+    """§10 #24: /readyz shows details only to the admin key, /metrics needs the admin key or the metrics token."""
     c = server.client()
     assert c.call("GET", "/healthz")["status"] == "ok"
-    ready = c.call("GET", "/readyz")
-    assert ready["status"] == "healthy" and ready["checks"]["database"]["status"] == "healthy"
-    st, headers, body = c.raw("GET", "/metrics")
+    assert c.call("GET", "/readyz") == {"status": "ready"}  # a probe learns ready / not ready, nothing else
+    admin = server.client(admin=True)
+    ready = admin.call("GET", "/readyz")
+    assert ready["status"] == "ready"
+    assert {k: v["status"] for k, v in ready["checks"].items()} == {"database": "healthy", "ca": "healthy",
+                                                                    "crl": "healthy"}
+    st, _, body = c.raw("GET", "/readyz", headers={"X-Admin-Key": "wrong"})
+    assert st == 401 and json.loads(body)["error"]["code"] == "INVALID_ADMIN_KEY"
+    agent = Agent(server, agent_dir).enroll(tenant.token())
+    st, _, body = agent.mtls.raw("GET", "/readyz")  # what `nkudo agent` uses as its connection probe
+    assert st == 200 and json.loads(body) == {"status": "ready"}
+
+    for client, headers in [(c, {}), (c, {"Authorization": "Bearer wrong-token-0123456789"}),
+                            (c, {"Authorization": METRICS_TOKEN}), (c, {"X-Admin-Key": "wrong"}),
+                            (tenant.client, {}), (agent.mtls, {})]:
+        st, h, body = client.raw("GET", "/metrics", headers=headers)
+        assert st == 401, headers
+        assert json.loads(body)["error"]["code"] == "UNAUTHENTICATED" and h["www-authenticate"].startswith("Bearer")
+    st, headers, body = c.raw("GET", "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert st == 200 and headers["content-type"].startswith("text/plain")
+    st, _, body2 = admin.raw("GET", "/metrics")
+    assert st == 200
     text = body.decode()
     assert 'nkudo_cp_http_requests_total{method="GET",route="/readyz",status="200"}' in text
+    assert 'nkudo_cp_http_requests_total{method="GET",route="/metrics",status="401"}' in body2.decode()
     assert 'nkudo_cp_agents{state="ONLINE"}' in text
+    assert METRICS_TOKEN not in server.log_path.read_text()  # the secret is never logged
+    admin.close()
+    agent.close()
+
+
+def test_plain_http_probe_listener(server: Server) -> None:
+    """§10 #38: --health-listen serves /healthz and the detail-free /readyz over plain HTTP, and nothing else."""
+    assert server.health_port is not None
+
+    def get(method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.health_port, timeout=10)
+        try:
+            conn.request(method, path, headers=headers or {})
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+        finally:
+            conn.close()
+
+    st, body = get("GET", "/healthz")
+    assert st == 200 and body["status"] == "ok"
+    # No details even with the (correct) admin key: it must not be accepted in clear text.
+    assert get("GET", "/readyz", {"X-Admin-Key": server.admin_key}) == (200, {"status": "ready"})
+    for method, path in [("GET", "/metrics"), ("GET", "/tenants"), ("GET", "/v1/crl.pem"), ("POST", "/v1/enroll"),
+                         ("POST", "/healthz"), ("GET", "/nope")]:
+        st, body = get(method, path, {"X-Admin-Key": server.admin_key})
+        assert st == 404 and body["error"]["code"] == "NOT_FOUND", (method, path)
+    # The API port itself still speaks only TLS.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError, http.client.BadStatusLine)):
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+    finally:
+        conn.close()
 
 
 def test_full_agent_flow(server: Server, tenant: Tenant, agent_dir: Path) -> None:
@@ -248,6 +305,17 @@ def test_renew_rotates_cert_and_refresh_token(server: Server, tenant: Tenant, ag
     st, _, data = old_client.raw("POST", "/v1/heartbeat", b"{}")
     assert st == 401 and json.loads(data)["error"]["code"] == "CERTIFICATE_REVOKED"
     agent.heartbeat()
+    # §10 #21: renew is audited, and the superseded certificate is on the CRL once the grace period is over.
+    old_serial = format(x509.load_pem_x509_certificate(agent.enrolled["client_certificate_pem"].encode())
+                        .serial_number, "x")
+    new_serial = format(x509.load_pem_x509_certificate(out["client_certificate_pem"].encode()).serial_number, "x")
+    [ev] = [e for e in tenant.client.call("GET", f"/tenants/{tenant.tenant_id}/audit-events")["events"]
+            if e["action"] == "agent.renew" and e["object_id"] == agent.id]
+    assert ev["actor_type"] == "AGENT" and ev["actor_id"] == agent.id
+    assert ev["details"] == {"old_serial": old_serial, "new_serial": new_serial}
+    crl = x509.load_pem_x509_crl(server.client().raw("GET", "/v1/crl.pem")[2])
+    assert crl.get_revoked_certificate_by_serial_number(int(old_serial, 16)) is not None
+    assert crl.get_revoked_certificate_by_serial_number(int(new_serial, 16)) is None
     # The old refresh token was rotated away.
     st, _ = agent.post("/v1/renew", {"csr_pem": agent.csr(), "refresh_token": agent.enrolled["refresh_token"]})
     assert st == 401
@@ -338,20 +406,43 @@ def test_lease_expiry_and_reoffer(server: Server, tenant: Tenant, agent_dir: Pat
 
 
 def test_offline_sweeper(server: Server, tenant: Tenant, agent_dir: Path) -> None:
+    """§10 #34: silent agents go OFFLINE and give their leases back at once; UNENROLLED agents stay UNENROLLED."""
     agent = Agent(server, agent_dir).enroll(tenant.token())
-    agent.heartbeat()
+    plan = tenant.plan([create_action("vm-sweep")])
+    eid = plan["executions"][0]["id"]
+    assert agent.heartbeat()["pending_plans"][0]["plan_id"] == plan["plan_id"]
+    gone = Agent(server, agent_dir).enroll(tenant.token())
+    gone.heartbeat()
+    st, _ = gone.post("/v1/unenroll", {"reason": "decommissioned"})
+    assert st == 204
 
-    def state() -> tuple[str, str]:
-        [a] = tenant.client.call("GET", f"/sites/{tenant.site_id}/agents")["agents"]
+    def agents() -> dict[str, str]:
+        return {a["id"]: a["state"] for a in tenant.client.call("GET", f"/sites/{tenant.site_id}/agents")["agents"]}
+
+    def site() -> str:
         [s] = [s for s in tenant.client.call("GET", f"/tenants/{tenant.tenant_id}/sites")["sites"]
                if s["id"] == tenant.site_id]
-        return a["state"], s["connectivity_state"]
+        return str(s["connectivity_state"])
 
-    assert state() == ("ONLINE", "ONLINE")
-    assert _wait(lambda: state() == ("OFFLINE", "OFFLINE"), timeout=6)
+    assert agents()[agent.id] == "ONLINE" and site() == "ONLINE"
+    assert _wait(lambda: agents()[agent.id] == "OFFLINE" and site() == "OFFLINE", timeout=6)
+    ex = tenant.client.call("GET", f"/executions/{eid}")
+    assert ex["state"] == "PENDING" and ex["agent_id"] is None  # released by the sweep, not left to lease expiry
+    time.sleep(1.2)  # more sweeps (every 0.5 s) run past the unenrolled agent's offline threshold
+    assert agents()[gone.id] == "UNENROLLED"
+    events = tenant.client.call("GET", f"/tenants/{tenant.tenant_id}/audit-events")["events"]
+    offline = [e["object_id"] for e in events if e["action"] == "agent.offline"]
+    assert offline.count(agent.id) == 1 and gone.id not in offline
+    # Another agent of the site gets the work on its next heartbeat; the old holder's late result is refused.
+    other = Agent(server, agent_dir).enroll(tenant.token())
+    [p] = other.heartbeat()["pending_plans"]
+    assert p["plan_id"] == plan["plan_id"] and p["actions"][0]["execution_id"] == eid
+    late = agent.results([{"execution_id": eid, "status": "SUCCEEDED"}])
+    assert late["results"][0]["code"] == "LEASE_LOST"
     agent.heartbeat()
-    assert state() == ("ONLINE", "ONLINE")
-    agent.close()
+    assert agents()[agent.id] == "ONLINE" and site() == "ONLINE"
+    for a in (agent, gone, other):
+        a.close()
 
 
 # --- isolation ------------------------------------------------------------------

@@ -29,7 +29,10 @@ def test_ca_persists_and_agents_survive_restart(tmp_path: Path) -> None:
         server_cert = x509.load_pem_x509_certificate((data / "server.crt").read_bytes())
         names = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert "cp.example" in names.get_values_for_type(x509.DNSName)
-        assert server_cert.issuer == x509.load_pem_x509_certificate(ca_before).subject  # issued by our CA
+        ca_cert = x509.load_pem_x509_certificate(ca_before)
+        # §10 #38: issued (and signed) by the internal CA, not self-signed.
+        assert server_cert.issuer == ca_cert.subject and server_cert.issuer != server_cert.subject
+        server_cert.verify_directly_issued_by(ca_cert)
         log = srv.log_path.read_text()
         assert srv.admin_key not in log and "BEGIN" not in log  # no secrets in logs
     finally:
@@ -37,6 +40,8 @@ def test_ca_persists_and_agents_survive_restart(tmp_path: Path) -> None:
     srv2 = start_server(data, admin_key=srv.admin_key, port=srv.port)
     try:
         assert srv2.ca_file.read_bytes() == ca_before
+        # The server certificate re-issued at this start chains to the same (persisted) CA.
+        x509.load_pem_x509_certificate((data / "server.crt").read_bytes()).verify_directly_issued_by(ca_cert)
         agent.install((agent.dir / "agent.crt").read_text())  # reconnect with the same certificate
         agent.heartbeat()
         agent.close()

@@ -75,11 +75,18 @@ def _db_options(f: F) -> F:
               show_default=True)
 @click.option("--db-pool-size", type=int, default=8, envvar=_env("DB_POOL_SIZE"), show_envvar=True,
               show_default=True)
+@click.option("--crl-validity", type=float, default=86400.0, envvar=_env("CRL_VALIDITY"), show_envvar=True,
+              show_default=True, help="seconds between CRL thisUpdate and nextUpdate (re-signed at half)")
+@click.option("--metrics-token", envvar=_env("METRICS_TOKEN"), show_envvar=True, default=None,
+              help="bearer token for GET /metrics (the admin key is always accepted too)")
+@click.option("--health-listen", envvar=_env("HEALTH_LISTEN"), show_envvar=True, default=None,
+              help="HOST:PORT of an optional plain-HTTP listener serving only /healthz and /readyz (probes)")
 def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str | None,
           server_names: Sequence[str], ca_cert_file: Path | None, ca_key_file: Path | None,
           require_persistent_pki: bool, agent_cert_ttl: float, enrollment_token_ttl: float, lease_ttl: float,
           heartbeat_interval: int, offline_after: float, sweep_interval: float, max_plans_per_lease: int,
-          renew_grace: float, max_body_bytes: int, db_pool_size: int) -> None:
+          renew_grace: float, max_body_bytes: int, db_pool_size: int, crl_validity: float, metrics_token: str | None,
+          health_listen: str | None) -> None:
     """Run the HTTPS API server (TLS >= 1.2, agent routes need a client certificate from our CA)."""
     import asyncio
 
@@ -97,6 +104,8 @@ def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str 
         enrollment_token_ttl=enrollment_token_ttl, lease_ttl=lease_ttl, heartbeat_interval=heartbeat_interval,
         offline_after=offline_after, sweep_interval=sweep_interval, max_plans_per_lease=max_plans_per_lease,
         renew_grace=renew_grace, max_body_bytes=max_body_bytes, db_pool_size=db_pool_size,
+        crl_validity=crl_validity, metrics_token=metrics_token.strip() if metrics_token else None,
+        health_listen=parse_listen(health_listen, "health_listen") if health_listen else None,
     )
     try:  # uvloop makes the TLS event loop noticeably cheaper per request; plain asyncio works too
         import uvloop

@@ -18,7 +18,7 @@ class Settings:
     listen_host: str = "0.0.0.0"  # noqa: S104 - a server listens on all interfaces unless told otherwise
     listen_port: int = 8443
     database_url: str | None = None
-    admin_key: str | None = None
+    admin_key: str | None = field(default=None, repr=False)
     server_names: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
     ca_cert_file: Path | None = None
     ca_key_file: Path | None = None
@@ -34,6 +34,13 @@ class Settings:
     idempotency_window: float = 24 * 3600.0
     max_body_bytes: int = 1024 * 1024
     db_pool_size: int = 8
+    crl_validity: float = 24 * 3600.0
+    #: Bearer token accepted (besides the admin key) on ``GET /metrics``; lets a Prometheus scraper in without
+    #: handing it the root credential. Never logged.
+    metrics_token: str | None = field(default=None, repr=False)
+    #: Optional plain-HTTP listener for load-balancer / kubelet probes that cannot speak TLS; serves only
+    #: ``/healthz`` and the detail-free ``/readyz``.
+    health_listen: tuple[str, int] | None = None
 
     def check(self) -> None:
         """Refuse nonsensical combinations before anything starts."""
@@ -42,6 +49,7 @@ class Settings:
             "lease_ttl": self.lease_ttl, "heartbeat_interval": self.heartbeat_interval,
             "offline_after": self.offline_after, "max_plans_per_lease": self.max_plans_per_lease,
             "max_body_bytes": self.max_body_bytes, "db_pool_size": self.db_pool_size,
+            "crl_validity": self.crl_validity,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -50,14 +58,21 @@ class Settings:
             raise ValidationError("renew_grace must not be negative", field="renew_grace")
         if not 0 < self.listen_port < 65536:
             raise ValidationError("port out of range", field="listen")
+        if self.health_listen is not None:
+            if not 0 < self.health_listen[1] < 65536:
+                raise ValidationError("health port out of range", field="health_listen")
+            if self.health_listen[1] == self.listen_port:
+                raise ValidationError("--health-listen must use another port than --listen", field="health_listen")
+        if self.metrics_token is not None and len(self.metrics_token.strip()) < 16:
+            raise ValidationError("metrics token must be at least 16 characters", field="metrics_token")
         if not self.server_names:
             raise ValidationError("at least one server name is required", field="server_name")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, flag: str = "listen") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValidationError(f"--listen must be HOST:PORT (got {value!r})", field="listen")
+        raise ValidationError(f"--{flag.replace('_', '-')} must be HOST:PORT (got {value!r})", field=flag)
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 

@@ -152,21 +152,38 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Readiness: probes (and agents over mTLS) see only ready / not ready; the admin key also sees the checks.
+
+    Why: which dependency failed and its error text help an attacker as much
+    as an operator, so they are not public (the original exposed them).
+    """
     cp = request.app[CP_KEY]
-    checks: dict[str, dict[str, Any]] = {}
-    t0 = time.perf_counter()
-    try:
-        await cp.db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
-        checks["database"] = {"status": "healthy", "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
-    except Exception as exc:
-        checks["database"] = {"status": "unhealthy", "error": type(exc).__name__}
-    checks["ca"] = {"status": "healthy" if cp.ca.cert is not None else "unhealthy"}
+    key = request.headers.get("X-Admin-Key")
+    if key is not None and not cp.is_admin_key(key):
+        raise Unauthenticated("invalid admin key", code="INVALID_ADMIN_KEY")
+    return await _readiness(cp, detailed=key is not None)
+
+
+async def public_readyz(request: web.Request) -> web.Response:
+    """``/readyz`` on the plain-HTTP probe listener: never details, and the admin key is not accepted in clear."""
+    return await _readiness(request.app[CP_KEY], detailed=False)
+
+
+async def _readiness(cp: ControlPlane, *, detailed: bool) -> web.Response:
+    checks = await cp.readiness()
     ok = all(c["status"] == "healthy" for c in checks.values())
-    return json_response({"status": "healthy" if ok else "unhealthy", "checks": checks}, 200 if ok else 503)
+    body: dict[str, Any] = {"status": "ready" if ok else "not ready"}
+    if detailed:
+        body["checks"] = checks
+    return json_response(body, 200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
+    try:
+        cp.authorize_metrics(request.headers.get("X-Admin-Key"), request.headers.get("Authorization"))
+    except Unauthenticated as exc:
+        return error_response(401, exc.code, exc.message, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
     await cp.refresh_gauges()
     return web.Response(body=generate_latest(cp.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -382,6 +399,28 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/unenroll", unenroll),
     ("POST", "/v1/renew", renew),
 ]
+
+
+async def probe_not_found(request: web.Request) -> web.Response:
+    raise NotFound("the probe listener serves only GET /healthz and GET /readyz", code="NOT_FOUND")
+
+
+#: The plain-HTTP probe listener (``--health-listen``): liveness and detail-free readiness, nothing else.
+HEALTH_ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", public_readyz),
+]
+
+
+def build_health_app(cp: ControlPlane) -> web.Application:
+    """Why a second app: probes that cannot do TLS (kubelet httpGet, simple LBs) must not get any API route."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024)
+    app[CP_KEY] = cp
+    for method, path, handler in HEALTH_ROUTES:
+        app.router.add_route(method, path, handler)
+    # Registered last: any other method or path (including POST /healthz) is a 404, not a 405 hinting at routes.
+    app.router.add_route("*", "/{tail:.*}", probe_not_found)
+    return app
 
 
 def build_app(cp: ControlPlane) -> web.Application:

@@ -38,6 +38,8 @@ SERVER_KEY = "server.key"
 MIN_RSA_BITS = 2048
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 CLOCK_SKEW = dt.timedelta(minutes=5)
+#: nextUpdate - thisUpdate of the CRL; it is re-signed at half that age (and whenever revocations change).
+CRL_VALIDITY = dt.timedelta(days=1)
 
 
 def _now() -> dt.datetime:
@@ -261,20 +263,30 @@ class CertificateAuthority:
             not_after=cert.not_valid_after_utc,
         )
 
-    def crl_pem(self, revoked: list[tuple[str, dt.datetime]]) -> bytes:
-        """A CRL of the revoked serials (hex) signed by the CA, valid one day."""
-        now = _now()
+    def crl_pem(self, revoked: list[tuple[str, dt.datetime]], *, number: int,
+                validity: dt.timedelta = CRL_VALIDITY) -> tuple[bytes, dt.datetime, dt.datetime]:
+        """A CRL of the revoked serials (hex) signed by the CA: (PEM, thisUpdate, nextUpdate).
+
+        Always a complete, signed CRL, even with zero entries: relying parties
+        that fetch it before the first revocation must get something they can
+        verify (the original served an empty body). CRL number and AKI are
+        included because RFC 5280 requires them of conforming issuers.
+        """
+        now = _now().replace(microsecond=0)  # X.509 times have second precision; keep the returned value exact
+        nxt = now + validity
         b = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.cert.subject)
             .last_update(now)
-            .next_update(now + dt.timedelta(days=1))
+            .next_update(nxt)
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ski), critical=False)
         )
         for serial, when in revoked:
             b = b.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(when).build()
             )
-        return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), now, nxt
 
 
 def _key_usage(pub: object) -> x509.KeyUsage:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from nkudo.cp.config import Settings, resolve_admin_key
 from nkudo.cp.db import Database, redact_url, sqlite_url
-from nkudo.cp.http import build_app
+from nkudo.cp.http import build_app, build_health_app
 from nkudo.cp.pki import CA_CERT, CA_KEY, CertificateAuthority
 from nkudo.cp.service import ControlPlane
 from nkudo.log import get_logger
@@ -77,6 +77,13 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop:
     site = web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=ctx, backlog=1024,
                        reuse_address=True)
     await site.start()
+    health_runner: web.AppRunner | None = None
+    if settings.health_listen is not None:
+        health_runner = web.AppRunner(build_health_app(cp), access_log=None, handle_signals=False)
+        await health_runner.setup()
+        hhost, hport = settings.health_listen
+        await web.TCPSite(health_runner, hhost, hport, reuse_address=True).start()
+        log.info("plain-HTTP probe listener (healthz, readyz only)", listen=f"{hhost}:{hport}")
     sweeper = asyncio.create_task(_sweeper(cp)) if settings.sweep_interval > 0 else None
     flusher = asyncio.create_task(_flusher(cp))
     stop = stop or asyncio.Event()
@@ -95,6 +102,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop:
         if sweeper is not None:
             sweeper.cancel()
         flusher.cancel()
+        if health_runner is not None:
+            await health_runner.cleanup()
         await runner.cleanup()
         await cp.flush_seen()
         cp.db.close()

@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -216,12 +217,14 @@ class ControlPlane:
         self.flush_interval = min(1.0, settings.offline_after / 4)
         self._hb_agents: Coalescer[str, Row[Any]] = Coalescer(self._read_hb_agents)
         self._vm_upsert = _vm_upsert(db)
+        self._metrics_token = settings.metrics_token.encode() if settings.metrics_token else None
+        self._crl: _CrlCache | None = None
 
     # --- authentication of tenant routes ---------------------------------------
 
     async def authenticate(self, admin_key: str | None, api_key: str | None) -> Principal:
         if admin_key is not None:
-            if hmac.compare_digest(admin_key.strip().encode(), self._admin_key):
+            if self.is_admin_key(admin_key):
                 return Principal("admin")
             raise Unauthenticated("invalid admin key", code="INVALID_ADMIN_KEY")
         if api_key:
@@ -230,6 +233,25 @@ class ControlPlane:
                 raise Unauthenticated("invalid, expired or revoked API key", code="INVALID_API_KEY")
             return Principal("api_key", tenant_id=row[0], key_id=row[1])
         raise Unauthenticated("X-Admin-Key or X-API-Key header required", code="UNAUTHENTICATED")
+
+    def is_admin_key(self, admin_key: str) -> bool:
+        """Constant-time check of a presented admin key (no early exit that would leak a prefix match)."""
+        return hmac.compare_digest(admin_key.strip().encode(), self._admin_key)
+
+    def authorize_metrics(self, admin_key: str | None, authorization: str | None) -> None:
+        """``/metrics`` needs the admin key or ``Authorization: Bearer <metrics token>``.
+
+        Why: counters reveal tenant activity and agent counts; the original
+        served them to anyone. A separate token lets a scraper in without the
+        root credential. Both comparisons are constant-time.
+        """
+        if admin_key is not None and self.is_admin_key(admin_key):
+            return
+        if authorization is not None and self._metrics_token is not None:
+            scheme, _, token = authorization.strip().partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._metrics_token):
+                return
+        raise Unauthenticated("X-Admin-Key or a metrics bearer token is required", code="UNAUTHENTICATED")
 
     @staticmethod
     def _api_key_tx(conn: Connection, key_hash: str, now: dt.datetime) -> tuple[str, str] | None:
@@ -1032,13 +1054,23 @@ class ControlPlane:
         def tx(conn: Connection) -> int:
             now = now_utc()
             cutoff = now - dt.timedelta(seconds=self.s.offline_after)
-            a = t.agents.c
-            stale = conn.execute(sa.select(a.id, a.site_id, a.tenant_id).where(
-                a.state == AgentState.ONLINE, a.last_heartbeat_at < cutoff)).all()
+            a, x, p = t.agents.c, t.executions.c, t.plans.c
+            # Only ONLINE agents can go OFFLINE (an UNENROLLED agent stays UNENROLLED: the original flipped it).
+            # RETURNING names exactly the rows this replica changed, so a concurrent sweep or heartbeat cannot
+            # make us release, count or audit an agent twice.
+            stale = conn.execute(t.agents.update().where(a.state == AgentState.ONLINE, a.last_heartbeat_at < cutoff)
+                                 .values(state=AgentState.OFFLINE).returning(a.id, a.site_id, a.tenant_id)).all()
             if not stale:
                 return 0
-            conn.execute(t.agents.update().where(a.id.in_([r.id for r in stale]), a.state == AgentState.ONLINE,
-                                                 a.last_heartbeat_at < cutoff).values(state=AgentState.OFFLINE))
+            ids = [r.id for r in stale]
+            # Give their work back to the site now (the original kept it until lease expiry): executions become
+            # PENDING and the plans lease-free, so the next heartbeat of another agent of the site gets them.
+            # A late result from the offline agent is then rejected as LEASE_LOST.
+            conn.execute(t.executions.update().where(
+                x.agent_id.in_(ids), x.state.in_([ExecState.LEASED, ExecState.RUNNING])
+            ).values(state=ExecState.PENDING, agent_id=None, updated_at=now))
+            conn.execute(t.plans.update().where(p.leased_by_agent_id.in_(ids)).values(
+                leased_by_agent_id=None, lease_expires_at=None, updated_at=now))
             self._recompute_sites(conn, sorted({r.site_id for r in stale}))
             for r in stale:
                 _audit(conn, RequestInfo(), actor=("SYSTEM", "sweeper"), action="agent.offline",
@@ -1067,12 +1099,73 @@ class ControlPlane:
         for es in ExecState:
             self.metrics.executions.labels(es.value).set(counts["executions"].get(es.value, 0))
 
-    async def crl(self) -> bytes:
-        def tx(conn: Connection) -> list[tuple[str, dt.datetime]]:
-            c = t.certificates.c
-            now = now_utc()
-            return [(r.serial, r.revoked_at) for r in conn.execute(
-                sa.select(c.serial, c.revoked_at).where(c.revoked_at.is_not(None), c.revoked_at <= now,
-                                                        c.expires_at > now))]
+    def _revoked_tx(self, conn: Connection) -> list[tuple[str, dt.datetime]]:
+        c = t.certificates.c
+        now = now_utc()
+        return sorted((r.serial, r.revoked_at) for r in conn.execute(
+            sa.select(c.serial, c.revoked_at).where(c.revoked_at.is_not(None), c.revoked_at <= now,
+                                                    c.expires_at > now)))
 
-        return self.ca.crl_pem(await self.db.run(tx))
+    async def crl_state(self) -> _CrlCache:
+        """The current signed CRL, re-signed when the revoked set changed or half its validity has passed.
+
+        Why cached: signing on every fetch is wasted CPU; why re-read the set
+        each time: a revocation (or a renew grace ending) on another replica
+        must show up on the next fetch. Re-signing at half-life means a
+        relying party never holds a CRL past its nextUpdate (the original
+        signed once and let it go stale).
+        """
+        revoked = await self.db.run(self._revoked_tx)
+        now = now_utc()
+        cached = self._crl
+        if cached is not None and cached.revoked == revoked and now < cached.refresh_at:
+            return cached
+        # CRL numbers must increase: milliseconds since the epoch does across restarts and replicas.
+        number = max(int(now.timestamp() * 1000), (cached.number + 1) if cached else 0)
+        validity = dt.timedelta(seconds=self.s.crl_validity)
+        pem, this_update, next_update = self.ca.crl_pem(revoked, number=number, validity=validity)
+        self._crl = _CrlCache(revoked=revoked, pem=pem, number=number, this_update=this_update,
+                              next_update=next_update, refresh_at=this_update + validity / 2)
+        return self._crl
+
+    async def crl(self) -> bytes:
+        return (await self.crl_state()).pem
+
+    async def readiness(self) -> dict[str, dict[str, Any]]:
+        """Dependency checks for ``/readyz``: database round trip, CA usable, CRL current.
+
+        The error texts here are for the admin only; the HTTP layer shows
+        unauthenticated probes nothing but ready / not ready.
+        """
+        checks: dict[str, dict[str, Any]] = {}
+        t0 = time.perf_counter()
+        try:
+            await self.db.run(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+            checks["database"] = {"status": "healthy", "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        except Exception as exc:
+            checks["database"] = {"status": "unhealthy", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        now = now_utc()
+        ca_expiry = self.ca.cert.not_valid_after_utc
+        checks["ca"] = ({"status": "healthy", "expires_at": iso(ca_expiry)} if ca_expiry > now
+                        else {"status": "unhealthy", "error": f"CA certificate expired at {iso(ca_expiry)}"})
+        if checks["database"]["status"] != "healthy":
+            checks["crl"] = {"status": "unhealthy", "error": "database unavailable"}
+        else:
+            try:
+                st = await self.crl_state()
+                checks["crl"] = {"status": "healthy" if st.next_update > now else "unhealthy",
+                                 "this_update": iso(st.this_update), "next_update": iso(st.next_update),
+                                 "revoked": len(st.revoked)}
+            except Exception as exc:
+                checks["crl"] = {"status": "unhealthy", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return checks
+
+
+@dataclass(frozen=True, slots=True)
+class _CrlCache:
+    revoked: list[tuple[str, dt.datetime]]
+    pem: bytes
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    refresh_at: dt.datetime
