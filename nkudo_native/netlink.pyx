@@ -188,36 +188,41 @@ cdef bint _flag(const char *p, Py_ssize_t n) noexcept:
     return p != NULL and n > 0 and p[0] != 0
 
 
-cdef dict _parse_tun(const char *data, Py_ssize_t size):
-    cdef const char *ttype = NULL
-    cdef const char *owner = NULL
-    cdef const char *pi = NULL
-    cdef const char *vnet = NULL
-    cdef const char *persist = NULL
-    cdef const char *mq = NULL
-    cdef Py_ssize_t lt = 0, lo = 0, lp = 0, lv = 0, lper = 0, lmq = 0
-    cdef Py_ssize_t off = 0, alen, plen
+DEF NK_MAX_ATTR = 64  # every attribute type read below is smaller; larger ones are skipped
+
+
+cdef void _scan_attrs(const char *p, Py_ssize_t size, Py_ssize_t off, const char **ptrs, Py_ssize_t *lens) noexcept nogil:
+    """Walk the rtattrs of ``p[off:size]`` into a table by type (last one wins, as in rtnl.parse_attrs)."""
     cdef uint16_t a_len, a_type
+    cdef Py_ssize_t i
+    for i in range(NK_MAX_ATTR):
+        ptrs[i] = NULL
+        lens[i] = 0
     while off + 4 <= size:
-        memcpy(&a_len, data + off, 2)
-        memcpy(&a_type, data + off + 2, 2)
+        memcpy(&a_len, p + off, 2)
+        memcpy(&a_type, p + off + 2, 2)
         if a_len < 4:
             break
-        plen = min(<Py_ssize_t>a_len, size - off) - 4
         a_type &= 0x3FFF
-        if a_type == IFLA_TUN_TYPE:
-            ttype, lt = data + off + 4, plen
-        elif a_type == IFLA_TUN_OWNER:
-            owner, lo = data + off + 4, plen
-        elif a_type == IFLA_TUN_PI:
-            pi, lp = data + off + 4, plen
-        elif a_type == IFLA_TUN_VNET_HDR:
-            vnet, lv = data + off + 4, plen
-        elif a_type == IFLA_TUN_PERSIST:
-            persist, lper = data + off + 4, plen
-        elif a_type == IFLA_TUN_MULTI_QUEUE:
-            mq, lmq = data + off + 4, plen
+        if a_type < NK_MAX_ATTR:
+            ptrs[a_type] = p + off + 4
+            lens[a_type] = min(<Py_ssize_t>a_len, size - off) - 4
         off += _align4(a_len)
+
+
+cdef dict _parse_tun(const char *data, Py_ssize_t size):
+    cdef const char *ptrs[NK_MAX_ATTR]
+    cdef Py_ssize_t lens[NK_MAX_ATTR]
+    _scan_attrs(data, size, 0, ptrs, lens)
+    cdef const char *ttype = ptrs[IFLA_TUN_TYPE]
+    cdef const char *owner = ptrs[IFLA_TUN_OWNER]
+    cdef Py_ssize_t lt = lens[IFLA_TUN_TYPE], lo = lens[IFLA_TUN_OWNER]
+    cdef const char *pi = ptrs[IFLA_TUN_PI]
+    cdef const char *vnet = ptrs[IFLA_TUN_VNET_HDR]
+    cdef const char *persist = ptrs[IFLA_TUN_PERSIST]
+    cdef const char *mq = ptrs[IFLA_TUN_MULTI_QUEUE]
+    cdef Py_ssize_t lp = lens[IFLA_TUN_PI], lv = lens[IFLA_TUN_VNET_HDR]
+    cdef Py_ssize_t lper = lens[IFLA_TUN_PERSIST], lmq = lens[IFLA_TUN_MULTI_QUEUE]
     return {
         "type": "tap" if (ttype != NULL and lt > 0 and ttype[0] == IFF_TAP) else "tun",
         "owner": _u32(owner) if (owner != NULL and lo >= 4) else None,
@@ -236,58 +241,31 @@ cdef dict _parse_link(const char *p, Py_ssize_t size):
     cdef uint32_t flags
     memcpy(&index, p + 4, 4)
     memcpy(&flags, p + 8, 4)
-    cdef const char *name = NULL
-    cdef const char *mac = NULL
-    cdef const char *mtu = NULL
-    cdef const char *master = NULL
-    cdef const char *oper = NULL
-    cdef const char *linkinfo = NULL
-    cdef const char *alias = NULL
-    cdef Py_ssize_t ln = 0, lmac = 0, lmtu = 0, lmaster = 0, loper = 0, linfo = 0, lalias = 0
-    cdef Py_ssize_t off = 16, plen
-    cdef uint16_t a_len, a_type
-    while off + 4 <= size:
-        memcpy(&a_len, p + off, 2)
-        memcpy(&a_type, p + off + 2, 2)
-        if a_len < 4:
-            break
-        plen = min(<Py_ssize_t>a_len, size - off) - 4
-        a_type &= 0x3FFF
-        if a_type == IFLA_IFNAME:
-            name, ln = p + off + 4, plen
-        elif a_type == IFLA_ADDRESS:
-            mac, lmac = p + off + 4, plen
-        elif a_type == IFLA_MTU:
-            mtu, lmtu = p + off + 4, plen
-        elif a_type == IFLA_MASTER:
-            master, lmaster = p + off + 4, plen
-        elif a_type == IFLA_OPERSTATE:
-            oper, loper = p + off + 4, plen
-        elif a_type == IFLA_LINKINFO:
-            linkinfo, linfo = p + off + 4, plen
-        elif a_type == IFLA_IFALIAS:
-            alias, lalias = p + off + 4, plen
-        off += _align4(a_len)
+    cdef const char *ptrs[NK_MAX_ATTR]
+    cdef Py_ssize_t lens[NK_MAX_ATTR]
+    _scan_attrs(p, size, 16, ptrs, lens)
+    cdef const char *name = ptrs[IFLA_IFNAME]
+    cdef const char *mac = ptrs[IFLA_ADDRESS]
+    cdef const char *mtu = ptrs[IFLA_MTU]
+    cdef const char *master = ptrs[IFLA_MASTER]
+    cdef const char *oper = ptrs[IFLA_OPERSTATE]
+    cdef const char *linkinfo = ptrs[IFLA_LINKINFO]
+    cdef const char *alias = ptrs[IFLA_IFALIAS]
+    cdef Py_ssize_t ln = lens[IFLA_IFNAME], lmac = lens[IFLA_ADDRESS], lmtu = lens[IFLA_MTU]
+    cdef Py_ssize_t lmaster = lens[IFLA_MASTER], loper = lens[IFLA_OPERSTATE], linfo = lens[IFLA_LINKINFO]
+    cdef Py_ssize_t lalias = lens[IFLA_IFALIAS]
 
     cdef object kind = None
     cdef object tun = None
     cdef const char *kptr = NULL
     cdef const char *dptr = NULL
     cdef Py_ssize_t lk = 0, ld = 0
+    cdef const char *iptrs[NK_MAX_ATTR]
+    cdef Py_ssize_t ilens[NK_MAX_ATTR]
     if linkinfo != NULL:
-        off = 0
-        while off + 4 <= linfo:
-            memcpy(&a_len, linkinfo + off, 2)
-            memcpy(&a_type, linkinfo + off + 2, 2)
-            if a_len < 4:
-                break
-            plen = min(<Py_ssize_t>a_len, linfo - off) - 4
-            a_type &= 0x3FFF
-            if a_type == IFLA_INFO_KIND:
-                kptr, lk = linkinfo + off + 4, plen
-            elif a_type == IFLA_INFO_DATA:
-                dptr, ld = linkinfo + off + 4, plen
-            off += _align4(a_len)
+        _scan_attrs(linkinfo, linfo, 0, iptrs, ilens)
+        kptr, lk = iptrs[IFLA_INFO_KIND], ilens[IFLA_INFO_KIND]
+        dptr, ld = iptrs[IFLA_INFO_DATA], ilens[IFLA_INFO_DATA]
         if kptr != NULL:
             kind = _cstr(kptr, lk)
         if kind == "tun" and dptr != NULL:
