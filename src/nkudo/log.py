@@ -14,7 +14,6 @@ suggests a secret are replaced by ``"[redacted]"`` before formatting.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -152,7 +151,3 @@ class Logger:
 
 def get_logger(component: str, **fields: Any) -> Logger:
     return Logger(component, fields)
-
-
-def env_level_default() -> str:
-    return os.environ.get("NKUDO_LOG_LEVEL", "info")

@@ -30,7 +30,6 @@ from nkudo.agent.identity import Identity, Pki, load_cert_info, save_identity
 from nkudo.agent.plan import Action, parse_action
 from nkudo.agent.runtime import Agent
 from nkudo.errors import NkudoError
-from nkudo.vmstate import VmStatus
 from nkudo.wire import messages as wm
 from nkudo.wire.codec import encode
 
@@ -466,10 +465,3 @@ def _hostname_ok(h: str) -> bool:
     import re
 
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", h) is not None
-
-
-def vm_counts(agent: Agent) -> dict[str, int]:
-    counts = {s.value: 0 for s in VmStatus}
-    for vm in agent.store.list_vms():
-        counts[vm.status.value] += 1
-    return counts
