@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import skip_or_fail
 
 from .helpers import Server, Tenant, new_tenant, start_server
 from .pg import Cluster, free_port, start_cluster
@@ -24,9 +25,7 @@ def pg_cluster() -> Iterator[Cluster]:
     try:
         cluster = start_cluster()
     except Exception as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI and could not start: {exc}")
-        pytest.skip(f"PostgreSQL not available: {exc}")
+        skip_or_fail(f"PostgreSQL not available: {exc}")
     try:
         yield cluster
     finally:

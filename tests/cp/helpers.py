@@ -65,7 +65,7 @@ def start_server(data_dir: Path, *, database_url: str | None = None, admin_key: 
             "--data-dir", str(data_dir), *(extra or [])]
     if database_url:
         args += ["--database-url", database_url]
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as the server would: no loose-mode warning
     log_path = data_dir / f"server-{port}.log"
     proc_env = {**os.environ, "NKUDO_CP_ADMIN_KEY": admin_key, **(env or {})}
     with log_path.open("wb") as logf:

@@ -64,7 +64,7 @@ def test_generated_admin_key_file(tmp_path: Path) -> None:
 def test_require_persistent_pki_refuses_without_ca(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "nkudo.cp.cli", "serve", "--data-dir", str(tmp_path / "d"),
                         "--listen", "127.0.0.1:1", "--require-persistent-pki"],
-                       env={**os.environ, "NKUDO_CP_ADMIN_KEY": "k"}, capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "NKUDO_CP_ADMIN_KEY": "k" * 32}, capture_output=True, text=True, timeout=30,
                        check=False)
     assert r.returncode != 0 and "PKI_MISSING" in r.stderr
 

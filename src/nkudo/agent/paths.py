@@ -12,8 +12,10 @@ import os
 import re
 
 from nkudo.errors import NkudoError, ValidationError
+from nkudo.wire.actions import IDENT_PATTERN
 
-SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: The wire's identifier pattern (``\Z``-anchored: a trailing newline is not a safe component).
+SAFE_COMPONENT = re.compile(IDENT_PATTERN)
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 
 

@@ -14,10 +14,19 @@ import re
 from typing import Any, Final
 
 from nkudo.errors import ValidationError
-from nkudo.wire.actions import DEFAULT_TIMEOUT, DEFAULT_TIMEOUTS, ActionParams, parse_params, vm_id_of
+from nkudo.wire.actions import (
+    ACTION_ID_PATTERN,
+    DEFAULT_TIMEOUT,
+    DEFAULT_TIMEOUTS,
+    ActionParams,
+    check_action_ids,
+    parse_params,
+    vm_id_of,
+)
 from nkudo.wire.codec import to_builtins
 
-ACTION_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+#: The shared pattern (``\Z``-anchored, so ``"a1\n"`` is refused; issue 10 item 2).
+ACTION_ID_RE: Final = re.compile(ACTION_ID_PATTERN)
 MAX_ACTIONS: Final = 1000
 MAX_TIMEOUT: Final = 86400
 _ACTION_KEYS: Final = {"action_id", "type", "params", "timeout_seconds", "execution_id"}
@@ -119,9 +128,5 @@ def parse_plan(doc: Any) -> tuple[str | None, list[Action]]:
     if len(raw_actions) > MAX_ACTIONS:
         raise ValidationError(f"a plan has at most {MAX_ACTIONS} actions", field="actions")
     actions = [parse_action(a, f"actions[{i}]") for i, a in enumerate(raw_actions)]
-    seen: set[str] = set()
-    for i, a in enumerate(actions):
-        if a.action_id in seen:
-            raise ValidationError(f"duplicate action_id {a.action_id!r}", field=f"actions[{i}].action_id")
-        seen.add(a.action_id)
+    check_action_ids([a.action_id for a in actions])  # the control plane's plan submit calls the same rule
     return plan_id, actions

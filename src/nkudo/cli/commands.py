@@ -118,8 +118,6 @@ RUNNERS = {"version": run_version, "check": run_check, "hostfacts": run_hostfact
 
 
 def _load_plan(spec: str) -> Any:
-    import json
-
     from nkudo.errors import ValidationError
 
     try:
@@ -132,10 +130,9 @@ def _load_plan(spec: str) -> Any:
         raise ValidationError(f"cannot read plan {spec!r}: {exc.strerror}", field="plan") from None
     if len(text) > 16 * 1024 * 1024:
         raise ValidationError("plan is larger than 16 MiB", field="plan")
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise ValidationError(f"plan {spec!r} is not valid JSON: {exc}", field="plan") from None
+    from nkudo.wire import jsondoc  # maps RecursionError too (issue 10 item 10)
+
+    return jsondoc.loads(text, what=f"plan {spec!r}", field="plan")
 
 
 def run_apply(p: dict[str, Any]) -> int:

@@ -47,7 +47,8 @@ def _db_options(f: F) -> F:
 @_db_options
 @click.option("--listen", default="0.0.0.0:8443", envvar=_env("LISTEN"), show_envvar=True, show_default=True)
 @click.option("--admin-key", envvar=_env("ADMIN_KEY"), show_envvar=True, default=None,
-              help="admin key (default: generated once into DATA_DIR/admin.key)")
+              help="admin key, at least 32 printable ASCII characters (default: generated once into "
+                   "DATA_DIR/admin.key)")
 @click.option("--server-name", "server_names", multiple=True, envvar=_env("SERVER_NAMES"), show_envvar=True,
               help="DNS name or IP for the server certificate (repeatable; default localhost, 127.0.0.1)")
 @click.option("--ca-cert-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -89,10 +90,13 @@ def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str 
           health_listen: str | None) -> None:
     """Run the HTTPS API server (TLS >= 1.2, agent routes need a client certificate from our CA)."""
     import asyncio
+    import os
 
     from nkudo.cp.config import Settings, parse_listen
     from nkudo.cp.server import serve as run
 
+    if admin_key is None and _env("ADMIN_KEY") in os.environ:
+        admin_key = os.environ[_env("ADMIN_KEY")]  # click drops an empty variable; an empty key is an error
     host, port = parse_listen(listen)
     names: list[str] = []
     for n in server_names:
@@ -119,9 +123,10 @@ def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str 
 @_db_options
 def migrate(data_dir: Path, database_url: str | None) -> None:
     """Create or upgrade the database schema, then exit."""
+    from nkudo.cp.config import prepare_data_dir
     from nkudo.cp.db import Database, sqlite_url
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(data_dir)
     db = Database(database_url or sqlite_url(data_dir), pool_size=1)
     try:
         rev = db.migrate()

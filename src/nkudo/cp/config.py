@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nkudo.errors import ValidationError
+from nkudo.log import get_logger
+
+log = get_logger("cp.config")
 
 ADMIN_KEY_FILE = "admin.key"
+#: An admin key is the root credential; anything shorter than this is refused at start-up.
+MIN_ADMIN_KEY_CHARS = 32
 
 
 @dataclass(slots=True)
@@ -63,8 +70,10 @@ class Settings:
                 raise ValidationError("health port out of range", field="health_listen")
             if self.health_listen[1] == self.listen_port:
                 raise ValidationError("--health-listen must use another port than --listen", field="health_listen")
-        if self.metrics_token is not None and len(self.metrics_token.strip()) < 16:
-            raise ValidationError("metrics token must be at least 16 characters", field="metrics_token")
+        if self.admin_key is not None:
+            check_admin_key(self.admin_key, "--admin-key / NKUDO_CP_ADMIN_KEY")
+        if self.metrics_token is not None and len(presented_secret(self.metrics_token) or "") < 16:
+            raise ValidationError("metrics token must be at least 16 printable characters", field="metrics_token")
         if not self.server_names:
             raise ValidationError("at least one server name is required", field="server_name")
 
@@ -76,21 +85,106 @@ def parse_listen(value: str, flag: str = "listen") -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 
+def presented_secret(value: str | None) -> str | None:
+    """A credential as presented (header, flag, environment, file), or ``None`` if there is none.
+
+    The one whitespace rule for every key (admin key, API key, metrics token): surrounding whitespace is
+    never part of a key (HTTP strips it from header values anyway, and key files end in a newline), so
+    it is stripped here and nowhere else. Empty, whitespace-only and non-printable-ASCII values are no
+    credential at all: callers treat ``None`` as "not authenticated", which is what keeps an empty
+    ``X-Admin-Key:`` header from ever matching an empty configured key.
+    """
+    if value is None:
+        return None
+    v = value.strip()
+    if not v or not _PRINTABLE.match(v):
+        return None
+    return v
+
+
+_PRINTABLE = re.compile(r"[\x21-\x7e]+\Z")
+
+
+def check_admin_key(key: str | None, source: str) -> str:
+    """``key`` normalised, or a start-up error saying what is wrong and how to fix it."""
+    v = presented_secret(key)
+    if v is None:
+        raise ValidationError(f"the admin key from {source} is empty, whitespace-only or not printable ASCII; "
+                              f"set at least {MIN_ADMIN_KEY_CHARS} printable characters", field="admin_key",
+                              code="ADMIN_KEY_INVALID")
+    if len(v) < MIN_ADMIN_KEY_CHARS:
+        raise ValidationError(f"the admin key from {source} has {len(v)} characters; it must have at least "
+                              f"{MIN_ADMIN_KEY_CHARS}", field="admin_key", code="ADMIN_KEY_INVALID")
+    return v
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create the data directory 0700 and make every file this process creates 0600 (umask 077).
+
+    Why the process umask and not a chmod per file: SQLite creates ``-wal`` and ``-shm`` itself, and
+    they hold token and key hashes, the audit log and execution logs just like ``nkudo.db``. An existing
+    directory or file that others can read is not changed behind the operator's back; it gets a warning
+    saying how to fix it.
+    """
+    os.umask(0o077)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    loose = [p for p in (data_dir, *(data_dir / n for n in _PRIVATE_FILES))
+             if p.exists() and stat.S_IMODE(p.stat().st_mode) & 0o077]
+    for p in loose:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        want = "700" if p.is_dir() else "600"
+        log.warn("data directory entry is accessible to other users; it holds credentials and the audit log",
+                 path=str(p), mode=f"{mode:o}", fix=f"chmod {want} {p}")
+
+
+#: Files in the data directory that hold secrets or tenant data (checked for loose modes at start-up).
+_PRIVATE_FILES = ("nkudo.db", "nkudo.db-wal", "nkudo.db-shm", ADMIN_KEY_FILE, "ca.key", "server.key")
+
+
 def resolve_admin_key(settings: Settings) -> str:
     """The admin key: given explicitly, or generated once into ``<data-dir>/admin.key`` (0600).
 
     Why no default key: the original shipped ``dev-admin-key``; a control plane
     reachable from customer sites must not have a guessable root credential.
+    Why the file is written under a temporary name, fsynced and then linked into place: a crash
+    between creating and writing ``admin.key`` used to leave an empty file, which became an empty
+    admin key. ``os.link`` (not ``rename``) also keeps two replicas starting at once on one data
+    directory from each installing their own key: the second one reads the first one's.
     """
-    if settings.admin_key:
-        return settings.admin_key.strip()
+    if settings.admin_key is not None:
+        return check_admin_key(settings.admin_key, "--admin-key / NKUDO_CP_ADMIN_KEY")
     path = settings.data_dir / ADMIN_KEY_FILE
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not os.path.lexists(path):
+        _write_new_key(path, "nka_" + secrets.token_urlsafe(32))
+    remedy = f"delete {path} to have a new key generated, or pass --admin-key"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        text = path.read_bytes().decode("ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"cannot read the admin key file {path} ({exc}); {remedy}", field="admin_key",
+                              code="ADMIN_KEY_INVALID") from None
+    if not text.strip():
+        raise ValidationError(f"the admin key file {path} is empty (an interrupted first start leaves it so); "
+                              f"{remedy}", field="admin_key", code="ADMIN_KEY_INVALID")
+    return check_admin_key(text, str(path))
+
+
+def _write_new_key(path: Path, key: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (key + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # atomic, and never replaces a key another process installed first
     except FileExistsError:
-        return path.read_text().strip()
-    key = "nka_" + secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key
+        pass
+    finally:
+        os.unlink(tmp)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -33,7 +33,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CP_KEY = web.AppKey("cp", ControlPlane)
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}\Z")
+_UUID = re.compile(wm.UUID_PATTERN)  # the wire's \Z-anchored pattern: no trailing newline (issue 10 item 2)
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -95,7 +96,15 @@ async def read_body(request: web.Request, type_: type[T]) -> T:
 
 
 def request_info(request: web.Request) -> RequestInfo:
-    rid = request.headers.get("X-Request-ID", "").strip()[:64] or str(uuid.uuid4())
+    """Request id and source address for the audit log.
+
+    A client's ``X-Request-ID`` is kept only if it is 1-64 printable ASCII characters: header bytes that
+    are not UTF-8 arrive as lone surrogates, which PostgreSQL cannot store (a 500 before), and control
+    characters do not belong in a log or audit record. Anything else gets a fresh id.
+    """
+    rid = request.headers.get("X-Request-ID", "").strip()
+    if not _REQUEST_ID.match(rid):
+        rid = str(uuid.uuid4())
     peer = request.transport.get_extra_info("peername") if request.transport else None
     ip = peer[0] if isinstance(peer, tuple) and peer else None
     return RequestInfo(request_id=rid, source_ip=ip)
@@ -321,9 +330,19 @@ async def execution_logs(request: web.Request) -> web.Response:
 
 
 async def enroll(request: web.Request) -> web.Response:
-    req = await read_body(request, wm.EnrollRequest)
-    csr = parse_csr(req.csr_pem)  # before the token is looked at: a bad CSR never burns a token
-    return json_response(await request.app[CP_KEY].enroll(req, csr, request_info(request)))
+    """Enroll a host; every refusal is logged with the source address and reason code (never the token).
+
+    Why: this route is unauthenticated, so a token-guessing run must leave a trace. The log's repeat
+    summariser turns a flood from one source into one line per window with a count.
+    """
+    info = request_info(request)
+    try:
+        req = await read_body(request, wm.EnrollRequest)
+        csr = parse_csr(req.csr_pem)  # before the token is looked at: a bad CSR never burns a token
+        return json_response(await request.app[CP_KEY].enroll(req, csr, info))
+    except NkudoError as exc:
+        log.warn("enrollment refused", source=info.source_ip, reason=exc.code)
+        raise
 
 
 async def heartbeat(request: web.Request) -> web.Response:

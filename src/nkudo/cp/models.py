@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import msgspec
 
-from nkudo.wire.actions import IDENT_PATTERN
+from nkudo.wire.actions import Ident
 from nkudo.wire.messages import Uuid
 
-Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
-Name = Annotated[str, msgspec.Meta(pattern=r"^\S(.{0,198}\S)?$")]
-IdemKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")]
+# Patterns end in ``\Z``: msgspec applies them with ``re.search`` and ``$`` also matches before a trailing
+# newline, so ``"acme\n"`` used to pass (issue 10 item 2).
+SLUG_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}\Z"
+#: What a free-text name may not contain anywhere: C0/C1 control characters (NUL, newline, ESC...), line
+#: and paragraph separators, zero-width and bidi-override format characters (invisible or reordering
+#: text in a listing), and lone surrogates (not encodable as UTF-8).
+_NAME_FORBIDDEN: Final = r"\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ud800-\udfff"
+#: Free-text names: 1-200 characters, no leading or trailing white space, nothing from ``_NAME_FORBIDDEN``.
+NAME_PATTERN: Final = rf"^[^\s{_NAME_FORBIDDEN}](?:[^{_NAME_FORBIDDEN}]{{0,198}}[^\s{_NAME_FORBIDDEN}])?\Z"
+IDEM_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}\Z"
+
+Slug = Annotated[str, msgspec.Meta(pattern=SLUG_PATTERN)]
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+IdemKey = Annotated[str, msgspec.Meta(pattern=IDEM_KEY_PATTERN)]
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -41,7 +52,7 @@ class TokenCreate(_Strict):
 class PlanAction(_Strict):
     type: Annotated[str, msgspec.Meta(max_length=64)]
     params: dict[str, Any]
-    action_id: Annotated[str, msgspec.Meta(pattern=IDENT_PATTERN)] | None = None
+    action_id: Ident | None = None
     timeout_seconds: Annotated[int, msgspec.Meta(ge=1, le=86400)] | None = None
 
 

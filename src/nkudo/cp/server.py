@@ -10,12 +10,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from nkudo.cp.config import Settings, resolve_admin_key
+from nkudo.cp.config import Settings, prepare_data_dir, resolve_admin_key
 from nkudo.cp.db import Database, redact_url, sqlite_url
 from nkudo.cp.http import build_app, build_health_app
 from nkudo.cp.pki import CA_CERT, CA_KEY, CertificateAuthority
 from nkudo.cp.service import ControlPlane
-from nkudo.log import get_logger
+from nkudo.log import adopt, flush_repeats, get_logger
 
 log = get_logger("cp.server")
 
@@ -35,8 +35,11 @@ def server_ssl_context(cert: Path, key: Path, ca_pem: str) -> ssl.SSLContext:
 
 
 def build(settings: Settings) -> ControlPlane:
+    """Everything a serving process needs; any misconfiguration (a weak admin key first) fails here, before
+    a database is created or a port opened."""
     settings.check()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
+    admin_key = resolve_admin_key(settings)
     db = Database(settings.database_url or sqlite_url(settings.data_dir), pool_size=settings.db_pool_size)
     db.migrate()
     ca = CertificateAuthority.load_or_create(
@@ -46,12 +49,13 @@ def build(settings: Settings) -> ControlPlane:
     if settings.ca_cert_file is not None and not (settings.data_dir / CA_KEY).exists():
         # Publish the (public) CA certificate where clients and the admin CLI look for it.
         (settings.data_dir / CA_CERT).write_text(ca.cert_pem)
-    return ControlPlane(settings, db, ca, resolve_admin_key(settings))
+    return ControlPlane(settings, db, ca, admin_key)
 
 
 async def _flusher(cp: ControlPlane) -> None:
     while True:
         await asyncio.sleep(cp.flush_interval)
+        flush_repeats()
         try:
             await cp.flush_seen()
         except Exception:
@@ -70,6 +74,8 @@ async def _sweeper(cp: ControlPlane) -> None:
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
                 ) -> None:
     cp = build(settings)
+    # aiohttp logs malformed requests with their exception text (request data): same caps and summaries as ours.
+    adopt("aiohttp", "asyncio")
     cert, key = cp.ca.write_server_files(settings.data_dir, settings.server_names)
     ctx = server_ssl_context(cert, key, cp.ca.cert_pem)
     runner = web.AppRunner(build_app(cp), access_log=None, handle_signals=False)

@@ -33,10 +33,10 @@ from sqlalchemy.engine import Connection, Row
 from nkudo.cp import domain
 from nkudo.cp import schema as t
 from nkudo.cp.batching import Coalescer
-from nkudo.cp.config import Settings
+from nkudo.cp.config import Settings, check_admin_key, presented_secret
 from nkudo.cp.db import Database
 from nkudo.cp.domain import AgentState, ExecState, PlanStatus
-from nkudo.cp.errors import BadRequest, Conflict, NotFound, Unauthenticated
+from nkudo.cp.errors import Conflict, NotFound, Unauthenticated
 from nkudo.cp.metrics import Metrics
 from nkudo.cp.models import ApiKeyCreate, PlanCreate, SiteCreate, TenantCreate, TokenCreate
 from nkudo.cp.pki import CertificateAuthority
@@ -208,7 +208,9 @@ class ControlPlane:
         self.s = settings
         self.db = db
         self.ca = ca
-        self._admin_key = admin_key.encode()
+        # Refused here too (not only at start-up): whatever builds a ControlPlane, an empty or weak
+        # root credential must not become one that an empty header matches.
+        self._admin_key = check_admin_key(admin_key, "the admin key").encode()
         self.metrics = metrics or Metrics()
         # Write-behind of "agent X was seen at T with seq S" for heartbeats that change nothing else:
         # flushed in one batch every ``flush_interval`` (well under the offline threshold) instead of one
@@ -217,39 +219,53 @@ class ControlPlane:
         self.flush_interval = min(1.0, settings.offline_after / 4)
         self._hb_agents: Coalescer[str, Row[Any]] = Coalescer(self._read_hb_agents)
         self._vm_upsert = _vm_upsert(db)
-        self._metrics_token = settings.metrics_token.encode() if settings.metrics_token else None
+        token = presented_secret(settings.metrics_token)
+        self._metrics_token = token.encode() if token is not None else None
         self._crl: _CrlCache | None = None
 
     # --- authentication of tenant routes ---------------------------------------
 
     async def authenticate(self, admin_key: str | None, api_key: str | None) -> Principal:
+        """The principal behind the request's ``X-Admin-Key`` / ``X-API-Key`` headers.
+
+        A header that is sent is checked even when it is empty: an empty or whitespace-only key is no
+        credential (``presented_secret``) and is refused, never compared.
+        """
         if admin_key is not None:
             if self.is_admin_key(admin_key):
                 return Principal("admin")
             raise Unauthenticated("invalid admin key", code="INVALID_ADMIN_KEY")
-        if api_key:
-            row = await self.db.run(self._api_key_tx, sha256_hex(api_key.strip()), now_utc())
+        if api_key is not None:
+            key = presented_secret(api_key)
+            row = None if key is None else await self.db.run(self._api_key_tx, sha256_hex(key), now_utc())
             if row is None:
                 raise Unauthenticated("invalid, expired or revoked API key", code="INVALID_API_KEY")
             return Principal("api_key", tenant_id=row[0], key_id=row[1])
         raise Unauthenticated("X-Admin-Key or X-API-Key header required", code="UNAUTHENTICATED")
 
     def is_admin_key(self, admin_key: str) -> bool:
-        """Constant-time check of a presented admin key (no early exit that would leak a prefix match)."""
-        return hmac.compare_digest(admin_key.strip().encode(), self._admin_key)
+        """Constant-time check of a presented admin key (no early exit that would leak a prefix match).
+
+        An empty presented key is refused before any comparison, so an empty configured key (which
+        ``__init__`` refuses anyway) could never be matched by an empty header.
+        """
+        key = presented_secret(admin_key)
+        return key is not None and hmac.compare_digest(key.encode(), self._admin_key)
 
     def authorize_metrics(self, admin_key: str | None, authorization: str | None) -> None:
         """``/metrics`` needs the admin key or ``Authorization: Bearer <metrics token>``.
 
         Why: counters reveal tenant activity and agent counts; the original
         served them to anyone. A separate token lets a scraper in without the
-        root credential. Both comparisons are constant-time.
+        root credential. Both comparisons are constant-time; empty values never match.
         """
         if admin_key is not None and self.is_admin_key(admin_key):
             return
         if authorization is not None and self._metrics_token is not None:
             scheme, _, token = authorization.strip().partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._metrics_token):
+            presented = presented_secret(token)
+            if (scheme.lower() == "bearer" and presented is not None
+                    and hmac.compare_digest(presented.encode(), self._metrics_token)):
                 return
         raise Unauthenticated("X-Admin-Key or a metrics bearer token is required", code="UNAUTHENTICATED")
 
@@ -845,17 +861,18 @@ class ControlPlane:
 
     @staticmethod
     def validate_plan(body: PlanCreate) -> list[tuple[str, str, Any, int, str | None]]:
-        """Check every action with the agent's own schemas; returns (action_id, type, params, timeout, vm_id)."""
+        """Check every action with the agent's own schemas; returns (action_id, type, params, timeout, vm_id).
+
+        ``parse_params`` and ``check_action_ids`` are the functions the agent's plan parser calls, so a plan
+        the agent would refuse is a 400 naming the field here, not a failure on a host later.
+        """
         out = []
-        seen: set[str] = set()
         for i, act in enumerate(body.actions):
             parsed = wa.parse_params(act.type, act.params, prefix=f"actions[{i}].params")
             action_id = act.action_id or f"action-{i + 1}"
-            if action_id in seen:
-                raise BadRequest(f"duplicate action_id {action_id!r}", field=f"actions[{i}].action_id")
-            seen.add(action_id)
             timeout = act.timeout_seconds or wa.DEFAULT_TIMEOUTS.get(act.type, wa.DEFAULT_TIMEOUT)
             out.append((action_id, act.type, codec.to_builtins(parsed), timeout, wa.vm_id_of(parsed)))
+        wa.check_action_ids([a[0] for a in out])
         return out
 
     async def create_plan(self, p: Principal, site_id: str, body: PlanCreate, info: RequestInfo

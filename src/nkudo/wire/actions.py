@@ -8,20 +8,31 @@ absolute without ``..``, and unknown fields are refused — a typo in a plan is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Final
 
 import msgspec
 
 from nkudo.wire.codec import WireError, convert
 
+# Every pattern ends in ``\Z``, never ``$``: msgspec applies patterns with ``re.search``, and ``$`` also
+# matches just before a trailing newline, so ``"vm\n"`` would pass and name a VM no one can address again
+# (issue 10 item 2). The OpenAPI document states the same patterns with ECMA's ``$``, which has no such hole.
+
 #: VM ids, names and snapshot names: 1-64 chars, start alphanumeric, then ``[A-Za-z0-9_.-]``.
-IDENT_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+IDENT_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
+#: Action ids and plan ids on the agent (execution ids are UUIDs, plan labels may carry ``:``).
+ACTION_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z"
 #: Linux interface names (bridges): at most 15 chars.
-IFNAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$"
-#: Unicast, locally or globally administered MAC in lower/upper hex with colons.
-MAC_PATTERN: Final = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
-#: Absolute path without ``..`` components or NUL bytes.
-PATH_PATTERN: Final = r"^/(?!.*(^|/)\.\.(/|$))[^\x00]{0,4095}$"
+IFNAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z"
+#: A unicast, non-zero MAC (the kernel refuses multicast, broadcast and all-zero addresses on a TAP, so
+#: the agent would fail late): hex pairs with colons, the first octet's low bit clear.
+MAC_PATTERN: Final = r"^(?!00:00:00:00:00:00\Z)[0-9A-Fa-f][02468ACEace](?::[0-9A-Fa-f]{2}){5}\Z"
+#: Absolute path without ``..`` components, control characters (NUL, newline...) or lone surrogates.
+PATH_PATTERN: Final = r"^/(?!.*(?:^|/)\.\.(?:/|\Z))[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{0,4095}\Z"
+#: A command-line argument: anything but NUL, which ``execve`` cannot pass, and lone surrogates, which have
+#: no UTF-8 encoding (newlines and other control characters are legitimate in an argument).
+ARG_PATTERN: Final = r"^[^\x00\ud800-\udfff]*\Z"
 
 Ident = Annotated[str, msgspec.Meta(pattern=IDENT_PATTERN)]
 IfName = Annotated[str, msgspec.Meta(pattern=IFNAME_PATTERN)]
@@ -33,8 +44,9 @@ DiskGiB = Annotated[int, msgspec.Meta(ge=1, le=65536)]
 Cmdline = Annotated[str, msgspec.Meta(max_length=4096)]
 CloudInitDoc = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
 Timeout = Annotated[int, msgspec.Meta(ge=1, le=86400)]
-Arg = Annotated[str, msgspec.Meta(max_length=4096)]
-Command = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+Arg = Annotated[str, msgspec.Meta(pattern=ARG_PATTERN, max_length=4096)]
+#: The executable of ``CommandExecute``: absolute (the agent runs no shell and searches no ``PATH``).
+Command = AbsPath
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -155,7 +167,39 @@ def parse_params(action_type: str, params: Any, *, prefix: str = "params") -> Ac
         )
     if not isinstance(params, dict):
         raise WireError("params must be an object", field=prefix)
-    return convert(params, cls, prefix=prefix)
+    parsed = convert(params, cls, prefix=prefix)
+    check_params(parsed, prefix=prefix)
+    return parsed
+
+
+def check_params(params: ActionParams, *, prefix: str = "params") -> None:
+    """Rules that span several fields of one action (a schema pattern sees one field at a time).
+
+    Why here and not in the agent: the control plane calls this through ``parse_params`` at plan submit,
+    so a plan the agent would refuse is a 400 naming the field, not a failure on a host later.
+    """
+    if isinstance(params, MicroVMCreate):
+        first: dict[str, int] = {}
+        for i, nic in enumerate(params.nics):
+            if nic.mac is None:
+                continue
+            mac = nic.mac.lower()
+            if mac in first:
+                raise WireError(
+                    f"{prefix}.nics[{i}].mac {nic.mac} is already the MAC of nics[{first[mac]}]; "
+                    "each NIC of a VM needs its own MAC",
+                    field=f"{prefix}.nics[{i}].mac",
+                )
+            first[mac] = i
+
+
+def check_action_ids(action_ids: Sequence[str], *, prefix: str = "actions") -> None:
+    """Action ids are unique within a plan: results and logs are keyed by them on both sides."""
+    seen: set[str] = set()
+    for i, action_id in enumerate(action_ids):
+        if action_id in seen:
+            raise WireError(f"duplicate action_id {action_id!r}", field=f"{prefix}[{i}].action_id")
+        seen.add(action_id)
 
 
 def vm_id_of(params: ActionParams) -> str | None:

@@ -15,18 +15,22 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from nkudo.wire.actions import IDENT_PATTERN, Ident
+from nkudo.wire.actions import Ident
 
-UUID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# Patterns end in ``\Z``, not ``$`` (which also matches before a trailing newline; issue 10 item 2).
+UUID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z"
 Uuid = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
 Short = Annotated[str, msgspec.Meta(max_length=256)]
-Hostname = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")]
-Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+HOSTNAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}\Z"
+Hostname = Annotated[str, msgspec.Meta(pattern=HOSTNAME_PATTERN)]
+SHA256_PATTERN: Final = r"^[0-9a-f]{64}\Z"
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=SHA256_PATTERN)]
 Pem = Annotated[str, msgspec.Meta(min_length=1, max_length=16 * 1024)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 Message = Annotated[str, msgspec.Meta(max_length=8192)]
-ErrorCode = Annotated[str, msgspec.Meta(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")]
+ERROR_CODE_PATTERN: Final = r"^[A-Z][A-Z0-9_]{0,63}\Z"
+ErrorCode = Annotated[str, msgspec.Meta(pattern=ERROR_CODE_PATTERN)]
 
 VMState = Literal["CREATING", "CREATED", "RUNNING", "STOPPED", "PAUSED", "CRASHED", "ERROR", "DELETED", "UNKNOWN"]
 ResultStatus = Literal["SUCCEEDED", "FAILED", "TIMED_OUT"]
@@ -100,7 +104,7 @@ class HostFacts(_Strict):
 class VMSummary(_Strict):
     vm_id: Ident
     state: VMState
-    name: Annotated[str, msgspec.Meta(pattern=IDENT_PATTERN)] | None = None
+    name: Ident | None = None
     vcpus: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     memory_mib: Annotated[int, msgspec.Meta(ge=0, le=4 * 1024 * 1024)] = 0
 
