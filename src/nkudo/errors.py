@@ -6,11 +6,23 @@ messages name the offending field or object so the operator knows what to fix.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class NkudoError(Exception):
-    """Base error: ``code`` is stable, ``message`` is for humans."""
+    """Base error: ``code`` is stable, ``message`` is for humans.
+
+    ``is_timeout`` and ``is_retryable`` are properties of the error *type*, not
+    of its code string: the executor reports ``TIMED_OUT`` for any error whose
+    class says it is a timeout, so a new provider's timeout error only has to
+    set the flag (a list of code strings missed ``QMP_TIMEOUT``, issue 10 item 14).
+    """
 
     code = "INTERNAL"
+    #: The operation ran out of time (it may still complete on the other side).
+    is_timeout: ClassVar[bool] = False
+    #: Trying the same operation again may succeed (a timeout or a transient transport failure).
+    is_retryable: ClassVar[bool] = False
 
     def __init__(self, message: str, *, code: str | None = None, field: str | None = None) -> None:
         super().__init__(message)

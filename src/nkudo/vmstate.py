@@ -16,6 +16,9 @@ class VmStatus(enum.StrEnum):
     PAUSED = "PAUSED"
     STOPPED = "STOPPED"  # shut down on purpose; VMM gone, resources kept
     CRASHED = "CRASHED"  # VMM exited without being asked to
+    # A live process carries this VM's marker (its API socket path) but is not provably the recorded
+    # VMM (e.g. recorded before a launcher exec'd it): never forgotten, ended only by stop/delete.
+    UNKNOWN = "UNKNOWN"
     ERROR = "ERROR"
     DELETED = "DELETED"
 

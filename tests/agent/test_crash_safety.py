@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from tests.agent.conftest import EDGE, Host
+from tests.agent.test_launcher import write_launcher
 
-KILL_POINTS = 24
+# NKUDO_SOAK_ROUNDS=100 turns this into the soak of issue 10 (run by hand; the suite uses 24).
+KILL_POINTS = int(os.environ.get("NKUDO_SOAK_ROUNDS", "24"))
 
 
 def _plan(h: Host, counter: Path) -> list[dict[str, Any]]:
@@ -50,11 +52,11 @@ def _plan(h: Host, counter: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _argv(h: Host, plan: Path) -> list[str]:
+def _argv(h: Host, plan: Path, ch: Path | None = None) -> list[str]:
     return [
         "ip", "netns", "exec", h.ns, EDGE, "--log-level", "error", "--state-dir", str(h.state), "apply", "--json",
         "--plan", str(plan), "--runtime-dir", str(h.vms), "--snapshot-dir", str(h.snaps), "--image-root", str(h.images),
-        "--cloud-hypervisor-bin", str(h.ch), "--exec-allow", "/bin/sh",
+        "--cloud-hypervisor-bin", str(ch or h.ch), "--exec-allow", "/bin/sh",
     ]  # fmt: skip
 
 
@@ -69,15 +71,20 @@ def _reset(h: Host) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_at_many_points_then_rerun(host: Host, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", [False, True], ids=["direct", "launcher"])
+def test_sigkill_at_many_points_then_rerun(host: Host, tmp_path: Path, launcher: bool) -> None:
+    """The launcher variant (issue 10 item 8): the VMM is exec'd by a shell wrapper after a pause, so
+    kills land while the recorded process is still the shell or before the post-exec identity is
+    stored; no VMM (marker process), TAP or directory may leak, and none may run twice."""
     h = host
     counter = tmp_path / "counter"
     plan = h.root / "plan.json"
     plan.write_text(json.dumps({"actions": _plan(h, counter)}))
+    ch = write_launcher(h, delay=0.05) if launcher else None
 
     # Measure one clean run to spread the kill points over its whole duration.
     t0 = time.monotonic()
-    r = subprocess.run(_argv(h, plan), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(_argv(h, plan, ch), capture_output=True, text=True, timeout=120)
     full = time.monotonic() - t0
     assert r.returncode == 0, r.stdout + r.stderr
     _reset(h)
@@ -87,14 +94,14 @@ def test_sigkill_at_many_points_then_rerun(host: Host, tmp_path: Path) -> None:
     interrupted = 0
     for i in range(KILL_POINTS):
         delay = 0.85 * full * (i + 0.5) / KILL_POINTS
-        p = subprocess.Popen(_argv(h, plan), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(_argv(h, plan, ch), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             killed_mid_run += 1
         p.wait()
 
-        r = subprocess.run(_argv(h, plan), capture_output=True, text=True, timeout=120)
+        r = subprocess.run(_argv(h, plan, ch), capture_output=True, text=True, timeout=120)
         doc = json.loads(r.stdout)
         statuses = {o["action_id"]: (o["status"], o["error_code"]) for o in doc["outcomes"]}
         runs = counter.read_text().count("run") if counter.exists() else 0
@@ -134,5 +141,5 @@ def test_sigkill_at_many_points_then_rerun(host: Host, tmp_path: Path) -> None:
         _reset(h)
         if counter.exists():
             counter.unlink()
-    assert killed_mid_run >= 20, f"only {killed_mid_run} kills landed mid-run"
+    assert killed_mid_run >= min(20, KILL_POINTS * 5 // 6), f"only {killed_mid_run} kills landed mid-run"
     print(f"kills mid-run: {killed_mid_run}, of which during the host command: {interrupted}")

@@ -112,9 +112,9 @@ _http_like = st.lists(
 @settings(max_examples=600, deadline=None)
 def test_framing_twins_agree(data: bytes) -> None:
     """The native framing (C) and the codec's (Python) decide identically."""
+    require_native("chapi")
     mod = _native.load("chapi")
-    if mod is None:
-        pytest.skip(f"native chapi not loaded: {_native.reason('chapi')}")
+    assert mod is not None
     assert mod.expected_size(data) == codec.expected_size(data)
     assert mod.expected_size(bytearray(data)) == codec.expected_size(bytearray(data))
 
@@ -186,9 +186,9 @@ def _outcome(fn: object, data: bytes) -> object:
 def test_native_fast_parse_agrees_with_python_parser(data: bytes) -> None:
     """Whenever the native fast path answers, the Python parser accepts with the same values;
     and the public parser gives exactly the Python parser's results and errors."""
+    require_native("chapi")
     mod = _native.load("chapi")
-    if mod is None:
-        pytest.skip(f"native chapi not loaded: {_native.reason('chapi')}")
+    assert mod is not None
     fast = mod.parse_fast(data)
     py = _outcome(codec.parse_response_py, data)
     if fast is not None:
@@ -197,10 +197,104 @@ def test_native_fast_parse_agrees_with_python_parser(data: bytes) -> None:
 
 
 def test_native_fast_parse_takes_the_common_responses() -> None:
+    require_native("chapi")
     mod = _native.load("chapi")
-    if mod is None:
-        pytest.skip(f"native chapi not loaded: {_native.reason('chapi')}")
+    assert mod is not None
     ok = b"HTTP/1.1 200 \r\nServer: Cloud Hypervisor API\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
     assert mod.parse_fast(ok) == (200, b"", ok[15:ok.index(b"\r\n\r\n") + 2], b"{}")
     assert mod.parse_fast(b"HTTP/1.1 204 No Content\r\n\r\n") == (204, b"No Content", b"", b"")
     assert mod.parse_fast(b"HTTP/1.1 500 \r\nContent-Length: 4\r\n\r\n[\"\"]") is not None
+
+
+# --- boundaries (issue 10, "tests that must exist") ------------------------------------------------
+# Each case is one side of an off-by-one that the tests above let through: ">" vs ">=" on MAX_BODY,
+# a trailing byte ignored, a 19th digit accepted (and a 19/20-digit value overflowing a C long long).
+
+_HEAD = b"HTTP/1.1 200 \r\nContent-Length: "
+
+
+def _resp(length: bytes, body: bytes) -> bytes:
+    return _HEAD + length + b"\r\n\r\n" + body
+
+
+def _head_len(length: bytes) -> int:
+    return len(_HEAD) + len(length) + 4
+
+
+def _assert_rejected(data: bytes, message: str) -> None:
+    """The Python parser (authority) and the public parser reject with ``message``; the native fast path
+    declines (the Python half runs even where the native module is legitimately disabled)."""
+    with pytest.raises(ChProtocolError, match=message):
+        codec.parse_response_py(data)
+    with pytest.raises(ChProtocolError, match=message):
+        codec.parse_response(data)
+    require_native("chapi")
+    mod = _native.load("chapi")
+    assert mod is not None
+    assert mod.parse_fast(data) is None
+
+
+def _assert_accepted(data: bytes, body_len: int) -> None:
+    """Both parsers accept with the same body; the fast path really takes it (no silent fallback)."""
+    r = codec.parse_response_py(data)
+    assert (r.status, len(r.body)) == (200, body_len)
+    assert len(codec.parse_response(data).body) == body_len
+    require_native("chapi")
+    mod = _native.load("chapi")
+    assert mod is not None
+    fast = mod.parse_fast(data)
+    assert fast is not None, "native fast path declined a valid response"
+    assert (fast[0], len(fast[3]), fast[3] == r.body) == (200, body_len, True)
+
+
+def _assert_framing(data: bytes, want: int) -> None:
+    assert codec.expected_size(data) == want
+    require_native("chapi")
+    mod = _native.load("chapi")
+    assert mod is not None
+    assert mod.expected_size(data) == want
+
+
+def test_one_trailing_byte_after_the_body_is_rejected() -> None:
+    """Issue 10 (tests that must exist): exactly one byte after the body must be an error in both parsers,
+    and the framing of both transports stops before it."""
+    ok = _resp(b"2", b"{}")
+    _assert_accepted(ok, 2)
+    _assert_rejected(ok + b"x", "1 unexpected bytes after the response body")
+    _assert_rejected(ok[:-1], "truncated response body: expected 2 bytes, got 1")
+    _assert_framing(ok + b"x", len(ok))
+
+
+def test_body_of_exactly_max_body_is_accepted_and_one_more_is_not() -> None:
+    """Issue 10 (tests that must exist): Content-Length == MAX_BODY is valid (``>`` not ``>=``);
+    MAX_BODY + 1 is refused by both parsers and framed as the head alone by both transports."""
+    at = str(codec.MAX_BODY).encode()
+    data = _resp(at, b"\0" * codec.MAX_BODY)
+    _assert_accepted(data, codec.MAX_BODY)
+    _assert_framing(data, len(data))
+    del data
+    over = str(codec.MAX_BODY + 1).encode()
+    data = _resp(over, b"\0" * (codec.MAX_BODY + 1))
+    _assert_rejected(data, f"exceeds the {codec.MAX_BODY}-byte limit")
+    _assert_framing(data, _head_len(over))
+
+
+@pytest.mark.parametrize("length", [
+    b"0000000000000000002",   # 19 digits, value 2: a 19th digit must not be accepted
+    b"9223372036854775810",   # 19 digits, 2**63 + 2: overflows a signed 64-bit integer
+    b"18446744073709551618",  # 20 digits, 2**64 + 2: wraps to 2 in 64-bit arithmetic
+])
+def test_content_length_of_19_or_more_digits_is_rejected(length: bytes) -> None:
+    """Issue 10 (tests that must exist): at most 18 digits (so C never overflows); a longer length is
+    an error in the Python parser, declined by the fast path, and framed as the head alone."""
+    data = _resp(length, b"{}")
+    _assert_rejected(data, "invalid Content-Length")
+    _assert_framing(data, _head_len(length))
+
+
+def test_content_length_of_18_digits_is_accepted() -> None:
+    """Issue 10 (tests that must exist): the other side of the digit limit: 18 digits are fine."""
+    length = b"000000000000000002"
+    data = _resp(length, b"{}")
+    _assert_accepted(data, 2)
+    _assert_framing(data, len(data))

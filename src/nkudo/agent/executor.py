@@ -36,6 +36,7 @@ class ActionTimeout(NkudoError):
     """The action's deadline passed; the handler stopped where it was safe to."""
 
     code = "TIMED_OUT"
+    is_timeout = True
 
 
 class ActionContext:
@@ -194,10 +195,9 @@ class Executor:
                 ctx.check_deadline("starting")
                 out.result = handler(ctx, action.params) or {}
                 out.status = SUCCEEDED
-            except ActionTimeout as exc:
-                out.status, out.error_code, out.error_message = TIMED_OUT, exc.code, exc.message
             except NkudoError as exc:
-                out.status = TIMED_OUT if exc.code in ("TIMED_OUT", "CH_TIMEOUT") else FAILED
+                # A property of the error type (ActionTimeout, CH/QMP timeouts, a command's time limit).
+                out.status = TIMED_OUT if exc.is_timeout else FAILED
                 out.error_code, out.error_message = exc.code, exc.message
                 out.result = dict(getattr(exc, "result", None) or {})
             except Exception as exc:  # a handler bug must not kill the agent or lose the result

@@ -36,6 +36,13 @@ class CommandFailed(NkudoError):
         self.result = result
 
 
+class CommandTimedOut(CommandFailed):
+    """The command outlived its time limit and its process group was killed (``result`` has its output so far)."""
+
+    code = "TIMED_OUT"
+    is_timeout = True
+
+
 def normalise_allowlist(paths: list[str] | tuple[str, ...]) -> frozenset[str]:
     """Resolve the operator's --exec-allow paths; each must be an absolute path to an executable file."""
     out = set()
@@ -133,10 +140,8 @@ def run_command(
         "duration_seconds": round(time.monotonic() - started, 6),
     }
     if timed_out:
-        raise CommandFailed(
-            f"{exe} did not finish within {timeout:g}s; its process group was killed",
-            result,
-            code="TIMED_OUT",
+        raise CommandTimedOut(
+            f"{exe} did not finish within {timeout:g}s; its process group was killed", result
         )
     if proc.returncode != 0:
         raise CommandFailed(f"{exe} exited with code {proc.returncode}", result)

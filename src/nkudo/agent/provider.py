@@ -63,7 +63,9 @@ class Provider(Protocol):
         """Start the VMM and hand it the VM config (not booted). Return the process identity record.
 
         ``on_spawned(record)`` is called as soon as the process exists, before it is configured,
-        so the caller can persist it: a crash after that point never leaves an unknown VMM.
+        so the caller can persist it: a crash after that point never leaves an unknown VMM. That
+        record may still name a launcher (``/bin/sh`` wrapper, ``env``, ``nice``); the returned one
+        is read again after the VMM answered, i.e. after the launcher's final exec.
         """
 
     def is_alive(self, process: dict[str, Any] | None) -> bool:
@@ -83,7 +85,15 @@ class Provider(Protocol):
     def stop(
         self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
     ) -> str:
-        """Power the VM off and end the VMM; return how ("guest", "api", "signal", "already")."""
+        """Power the VM off and end the VMM; return how ("guest", "api", "signal", "already").
+
+        Never returns while a process carrying the VM's marker (its API socket path) is alive,
+        whether or not ``process`` still identifies it: such a process is signalled through a
+        pidfd after its marker is re-checked, or ``VMM_STILL_RUNNING`` is raised.
+        """
+
+    def live_vmms(self, paths: VmPaths) -> list[int]:
+        """Pids of live processes carrying the VM's marker, recorded or not (never forget a VMM)."""
 
     def watch(self, process: dict[str, Any]) -> bool:
         """Supervise a running VMM found at start-up; unrequested exits go to the agent's callback."""

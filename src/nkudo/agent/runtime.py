@@ -13,6 +13,9 @@ from nkudo.agent.network import HostNetwork
 from nkudo.agent.provider import Provider
 from nkudo.agent.state import StateStore
 from nkudo.agent.vms import NetworkPort, VmConfig, VmService
+from nkudo.errors import ValidationError
+from nkudo.proc.errors import AdoptionRefused, ProcessError
+from nkudo.proc.identity import ProcessIdentity, check_identity
 from nkudo.vmstate import VmStatus
 
 _log = log.get_logger("agent")
@@ -101,7 +104,9 @@ class Agent:
 
     def reconcile(self) -> dict[str, list[str]]:
         """Re-adopt live VMMs, mark dead ones crashed, sweep TAPs of VMs that no longer exist."""
-        report: dict[str, list[str]] = {"adopted": [], "crashed": [], "taps_swept": [], "sockets_removed": []}
+        report: dict[str, list[str]] = {
+            "adopted": [], "unknown": [], "crashed": [], "taps_swept": [], "sockets_removed": [],
+        }  # fmt: skip
         for vm in self.store.list_vms():
             p = self.vms.paths(vm.vm_id)
             if vm.process and self.provider.watch(vm.process):
@@ -110,7 +115,20 @@ class Agent:
                     self.store.update_vm(vm.vm_id, status=state)
                 report["adopted"].append(vm.vm_id)
                 continue
-            if vm.process or vm.status.has_vmm:
+            live = self.provider.live_vmms(p)
+            if live:
+                # Not provably the recorded VMM (a launcher exec'd after the record was taken, or the
+                # record is missing), yet it serves this VM's socket: keep the record, the socket and
+                # the process; stop/delete end exactly the processes carrying the marker.
+                why = (
+                    f"pid(s) {', '.join(map(str, live))} carry this VM's API socket but are not the "
+                    f"recorded VMM ({_refusal(vm.process)}); stop or delete the VM to end them"
+                )
+                self.store.update_vm(vm.vm_id, status=VmStatus.UNKNOWN, last_error=why)
+                report["unknown"].append(vm.vm_id)
+                _log.warn("VM state unknown: an unverified VMM process serves it", vm_id=vm.vm_id, reason=why)
+                continue
+            if vm.process or vm.status.has_vmm or vm.status is VmStatus.UNKNOWN:
                 self.store.update_vm(
                     vm.vm_id,
                     status=VmStatus.CRASHED,
@@ -135,3 +153,14 @@ class Agent:
 
         plan_id, actions = parse_plan(doc)
         return plan_id, self.executor.run_plan(actions)
+
+
+def _refusal(process: dict[str, Any] | None) -> str:
+    """Why ``process`` (a stored record) is not the live VMM, in words for ``last_error``."""
+    if not process:
+        return "no process was recorded"
+    try:
+        check_identity(ProcessIdentity.from_dict(process))
+    except (AdoptionRefused, ProcessError, ValidationError) as exc:
+        return str(exc)
+    return "the recorded process could not be adopted"

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nkudo.agent import paths as P
-from nkudo.agent.disks import clone_image, fsync_dir, write_atomic
+from nkudo.agent.disks import check_room, clone_image, fsync_dir, os_failure, write_atomic
 from nkudo.agent.executor import ActionContext
 from nkudo.agent.provider import LaunchSpec, NicPlan, Provider, VmPaths
+from nkudo.agent.rollback import CREATE_PENDING, rollback_create
 from nkudo.agent.state import StateStore, VmRecord
 from nkudo.errors import NkudoError
 from nkudo.vmstate import VmStatus
@@ -192,10 +193,30 @@ class VmService:
                 P.within_roots(params.image_path, self.cfg.image_roots, "params.image_path")
             for i, d in enumerate(params.disks or []):
                 P.within_roots(d.path, self.cfg.image_roots, f"params.disks[{i}].path")
-            self.store.insert_vm(vm_id, params.name, spec, p.runtime_dir, VmStatus.CREATING)
+            # Marked pending until the create succeeds: only such a record is rolled back on failure.
+            self.store.insert_vm(
+                vm_id, params.name, {**spec, CREATE_PENDING: True}, p.runtime_dir, VmStatus.CREATING
+            )
             rec = self._vm(vm_id)
             ctx.log("VM record created")
-        os.makedirs(p.runtime_dir, mode=0o700, exist_ok=True)
+        if not rec.spec.get(CREATE_PENDING):
+            return self._create_steps(ctx, params, rec, p, spec)  # exists already: never torn down
+        try:
+            return self._create_steps(ctx, params, rec, p, spec)
+        except Exception:
+            # Issue 10 item 9: a failed create leaves nothing (or an ERROR record a delete clears).
+            rollback_create(ctx, self.store, self.provider, self.network, vm_id, p)
+            raise
+
+    def _create_steps(
+        self, ctx: ActionContext, params: A.MicroVMCreate, rec: VmRecord, p: VmPaths, spec: dict[str, Any]
+    ) -> dict[str, Any]:
+        vm_id = rec.vm_id
+        pending = {CREATE_PENDING: True} if rec.spec.get(CREATE_PENDING) else {}
+        try:
+            os.makedirs(p.runtime_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise os_failure(exc, f"cannot create the runtime directory {p.runtime_dir}") from None
 
         # Network: deterministic TAP names, owner marker, attached and up.
         nics = [(n.bridge, n.mac or stable_mac(vm_id, i)) for i, n in enumerate(params.nics)]
@@ -203,7 +224,7 @@ class VmService:
         taps = [n.tap for n in planned]
         resolved = [[n.tap, n.mac, n.bridge] for n in planned]
         if rec.taps != taps or rec.spec.get("_nics_resolved") != resolved:
-            self.store.update_vm(vm_id, taps=taps, spec={**spec, "_nics_resolved": resolved})
+            self.store.update_vm(vm_id, taps=taps, spec={**spec, "_nics_resolved": resolved, **pending})
             rec = self._vm(vm_id)
             ctx.log("TAPs ready", taps=",".join(taps))
 
@@ -211,21 +232,32 @@ class VmService:
         if params.image_path and p.rootfs and not os.path.exists(p.rootfs):
             src = P.within_roots(params.image_path, self.cfg.image_roots, "params.image_path")
             grow = params.disk_size_gib * 1024**3 if params.disk_size_gib else None
-            method = clone_image(src, p.rootfs, grow)
+            check_room(src, p.runtime_dir, grow)  # DISK_TOO_LARGE / INSUFFICIENT_SPACE before any copy
+            try:
+                method = clone_image(src, p.rootfs, grow)
+            except OSError as exc:
+                raise os_failure(exc, f"cloning {src!r} failed", field="params.image_path") from None
             ctx.log("root disk cloned", method=method)
         if params.cloud_init and p.seed_iso and not os.path.exists(p.seed_iso):
             from nkudo.agent.seed import write_seed_iso
 
-            n = write_seed_iso(
-                p.seed_iso,
-                params.cloud_init.user_data,
-                params.cloud_init.meta_data,
-                params.cloud_init.network_config,
-            )
+            try:
+                n = write_seed_iso(
+                    p.seed_iso,
+                    params.cloud_init.user_data,
+                    params.cloud_init.meta_data,
+                    params.cloud_init.network_config,
+                )
+            except OSError as exc:
+                raise os_failure(
+                    exc, "writing the cloud-init seed failed", field="params.cloud_init"
+                ) from None
             ctx.log("cloud-init seed written", bytes=n)
 
         state = self._ensure_running_vmm(ctx, rec, p, boot=params.start)
         rec = self._vm(vm_id)
+        if pending:
+            self.store.update_vm(vm_id, spec={k: v for k, v in rec.spec.items() if k != CREATE_PENDING})
         return self._result(rec, state, runtime_dir=p.runtime_dir, macs=[m for _, m in nics])
 
     def start(self, ctx: ActionContext, params: A.MicroVMStart) -> dict[str, Any]:
@@ -239,16 +271,15 @@ class VmService:
     def stop(self, ctx: ActionContext, params: A.MicroVMStop) -> dict[str, Any]:
         rec = self._vm(params.vm_id)
         p = self.paths(rec.vm_id)
-        how = "already"
-        if rec.process and self.provider.is_alive(rec.process):
-            how = self.provider.stop(
-                p,
-                rec.process,
-                graceful_timeout=0
-                if params.force
-                else min(self.cfg.stop_timeout, max(ctx.remaining() / 2, 0.1)),
-                force=params.force,
-            )
+        # Always through the provider, even when the record looks dead: it also ends any process
+        # carrying this VM's marker (a launcher-exec'd or unrecorded VMM), and raises rather than
+        # let a stop be reported while one lives.
+        how = self.provider.stop(
+            p,
+            rec.process,
+            graceful_timeout=0 if params.force else min(self.cfg.stop_timeout, max(ctx.remaining() / 2, 0.1)),
+            force=params.force,
+        )
         self.store.update_vm(rec.vm_id, status=VmStatus.STOPPED, process=None)
         ctx.log("VM stopped", how=how)
         return self._result(self._vm(rec.vm_id), VmStatus.STOPPED, stopped_by=how)
@@ -256,8 +287,10 @@ class VmService:
     def delete(self, ctx: ActionContext, params: A.MicroVMDelete) -> dict[str, Any]:
         rec = self.store.get_vm(params.vm_id)
         p = self.paths(params.vm_id)
-        if rec is not None and rec.process and self.provider.is_alive(rec.process):
-            self.provider.stop(p, rec.process, graceful_timeout=0, force=True)
+        # First end every VMM of this VM (recorded or only found by its marker): TAPs and files
+        # are removed only once nothing runs on them.
+        self.provider.stop(p, rec.process if rec else None, graceful_timeout=0, force=True)
+        if rec is not None and rec.process:
             self.store.update_vm(rec.vm_id, status=VmStatus.STOPPED, process=None)
         removed = self.network.remove_taps(params.vm_id)
         if os.path.isdir(p.runtime_dir):

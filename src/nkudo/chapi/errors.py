@@ -91,6 +91,8 @@ class ChTimeoutError(ChTransportError):
     """No complete response within the call's timeout (the VMM may just be busy)."""
 
     code = "CH_TIMEOUT"
+    is_timeout = True
+    is_retryable = True
 
 
 # --- HTTP status -----------------------------------------------------------------------------
@@ -147,6 +149,7 @@ class TooManyRequestsError(ChStatusError):
     """429: ``vm.resize`` while a vCPU removal is still pending."""
 
     code = "CH_TOO_MANY_REQUESTS"
+    is_retryable = True
 
 
 _NOT_CREATED_MARKERS = ("VM is not created", "VM config is missing", "The VM is not created")

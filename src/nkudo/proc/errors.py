@@ -55,3 +55,4 @@ class StopTimeout(ProcessError):
     """The process outlived SIGKILL plus its grace period (stuck in the kernel, D state)."""
 
     code = "STOP_TIMEOUT"
+    is_timeout = True

@@ -172,3 +172,25 @@ def _cmdline(pid: int, settle: float = 0.2) -> list[bytes] | None:
         if data or time.monotonic() >= deadline:
             return data.split(b"\0")
         time.sleep(0.001)
+
+
+def identity_after_exec(recorded: ProcessIdentity, *, native: bool | None = None) -> ProcessIdentity:
+    """The identity of ``recorded.pid`` now that its final program runs.
+
+    Why: the identity taken right after spawn names whatever was exec'd first; when that is a
+    launcher (``#!/bin/sh`` wrapper, ``env``, ``nice``, ``taskset``) which then execs the real
+    VMM, the executable changes while pid and start time stay. A record kept with the launcher's
+    executable would be refused at the next adoption, so the caller re-reads it once the VMM
+    answers on its socket, and confirms through its pidfd afterwards that the process is still
+    alive (so the pid read here cannot have been reused). The marker must still be on the final
+    command line: a launcher that drops it makes the VMM unrecognisable, which is refused here.
+    """
+    now = read_identity(recorded.pid, marker=recorded.marker, native=native)
+    if now.start_time != recorded.start_time:
+        raise AdoptionRefused(
+            f"pid {recorded.pid} was reused: start time {now.start_time} ticks, "
+            f"recorded {recorded.start_time}",
+            reason="start_time",
+        )
+    check_identity(now, native=native)
+    return now

@@ -87,7 +87,11 @@ class QmpTransportError(QmpError):
 
 
 class QmpTimeoutError(QmpTransportError):
+    """No complete answer within the call's timeout (QEMU's main loop may just be busy)."""
+
     code = "QMP_TIMEOUT"
+    is_timeout = True
+    is_retryable = True
 
 
 class QmpSocketMissingError(QmpTransportError):

@@ -16,10 +16,10 @@ from typing import Any
 
 from nkudo import log
 from nkudo.agent.provider import LaunchSpec, VmPaths
-from nkudo.errors import NkudoError
+from nkudo.errors import NkudoError, ValidationError
 from nkudo.proc import process as proc
 from nkudo.proc.errors import AdoptionRefused, ProcessError
-from nkudo.proc.identity import ProcessIdentity, check_identity
+from nkudo.proc.identity import ProcessIdentity, check_identity, identity_after_exec
 from nkudo.proc.supervisor import Supervisor
 
 VMM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -77,6 +77,25 @@ class VmmProcessProvider:
         """Wait until the new VMM answers and give it the VM's configuration (not booted)."""
         raise NotImplementedError
 
+    def stop_recorded(
+        self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
+    ) -> str:
+        """Power off and end the recorded VMM (if it is still that process); say how, or "already"."""
+        raise NotImplementedError
+
+    def stop(
+        self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
+    ) -> str:
+        """Stop the recorded VMM, then end any other process carrying the VM's marker.
+
+        Why both: the record can be stale or name a launcher, and a VMM that survives a stop
+        reported as done keeps its guest running, unreachable. Returns "already" only when no
+        such process was found at all; raises ``VMM_STILL_RUNNING`` rather than report a stop
+        that did not happen.
+        """
+        how = self.stop_recorded(paths, process, graceful_timeout=graceful_timeout, force=force)
+        return self._end_strays(paths, how)
+
     # -- launch -----------------------------------------------------------------------------
 
     def launch(
@@ -88,28 +107,45 @@ class VmmProcessProvider:
         on_spawned: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         # An agent killed between spawning a VMM and recording it leaves an unrecorded VMM on this
-        # VM's socket: find it by its command line and end it, so there is never a second one.
-        for pid in find_processes(lambda args: self.owns_cmdline(args, paths.api_socket)):
-            self.log.warn("ending an unrecorded VMM left by an interrupted start", pid=pid, vm_id=spec.vm_id)
-            try:
-                self._terminate(proc.adopt(proc.identify(pid, marker=paths.api_socket)))
-            except (AdoptionRefused, ProcessError):
-                pass
+        # VM's socket: find it by its command line and end it, so there is never a second one
+        # (and its socket is only removed once no process serves it).
+        self.end_marker_processes(paths)
         if os.path.exists(paths.api_socket):
             os.unlink(paths.api_socket)  # left by a VMM that died
         argv = self.argv(spec, paths)
         handle = proc.spawn(argv, env=VMM_ENV, log_path=paths.vmm_log, marker=paths.api_socket)
         self._handles[handle.pid] = handle
-        record = handle.identity.to_dict()
         try:
             if on_spawned is not None:
-                on_spawned(record)  # durable before the VMM gets its config: no unrecorded VMM after a crash
+                # Durable before the VMM gets its config: no unrecorded VMM after a crash. This record
+                # may still name a launcher; the marker keeps such a VMM findable (see reconcile).
+                on_spawned(handle.identity.to_dict())
             self.configure(handle, spec, paths, time.monotonic() + min(timeout, self.ready_timeout))
+            self._identify_final(handle, paths)
         except BaseException:
             self._terminate(handle)
             raise
         self._supervise(handle)
-        return record
+        return handle.identity.to_dict()
+
+    def _identify_final(self, handle: proc.ProcessHandle, paths: VmPaths) -> None:
+        """Re-read the identity once the VMM answers: a launcher has exec'd the real binary by now."""
+        try:
+            final = identity_after_exec(handle.identity)
+        except AdoptionRefused as exc:
+            raise NkudoError(
+                f"the VMM serving {paths.api_socket} cannot be identified after start-up ({exc}); "
+                f"a launcher given as the hypervisor binary must exec it with all its arguments",
+                code="VMM_START_FAILED",
+            ) from None
+        if handle.poll() is not None:  # pidfd: the pid read above was still this child's
+            raise NkudoError(
+                f"VMM exited during start-up ({handle.status}); see {paths.vmm_log}", code="VMM_START_FAILED"
+            )
+        if final.exe != handle.identity.exe:
+            self.log.info("VMM identity recorded after exec", pid=final.pid, spawned=handle.identity.exe,
+                          exe=final.exe)  # fmt: skip
+        handle.identity = final
 
     def wait_until(self, handle: proc.ProcessHandle, paths: VmPaths, deadline: float, probe: Callable[[float], Any],
                    retry_on: type[BaseException] | tuple[type[BaseException], ...]) -> Any:  # fmt: skip
@@ -182,10 +218,52 @@ class VmmProcessProvider:
 
     def _stopping(self, process: dict[str, Any] | None) -> proc.ProcessHandle | None:
         """The handle of a VMM about to be stopped on purpose (unwatched: its exit is not a crash)."""
-        h = self._handle(process) if process else None
+        try:
+            h = self._handle(process) if process else None
+        except ValidationError as exc:  # a corrupt record: the marker sweep still finds the VMM
+            self.log.warn("unusable VMM record", error=str(exc))
+            h = None
         if h is not None and self._supervisor is not None:
             self._supervisor.unwatch(h)
         return h
+
+    def live_vmms(self, paths: VmPaths) -> list[int]:
+        """Pids of live processes carrying this VM's marker (its API socket on their command line)."""
+        return find_processes(lambda args: self.owns_cmdline(args, paths.api_socket))
+
+    def end_marker_processes(self, paths: VmPaths, *, timeout: float = 15.0) -> list[int]:
+        """End every process carrying this VM's marker; return their pids.
+
+        Why: whatever the record says (gone, launcher exe, corrupt, never written), a process serving
+        this VM's socket is this VM's VMM, and a stop or delete that leaves it running orphans the
+        guest. Each one is signalled through a pidfd opened and then re-checked against the marker,
+        so a pid reused meanwhile is never hit. Raises ``VMM_STILL_RUNNING`` if any outlives ``timeout``.
+        """
+        ended: list[int] = []
+        deadline = time.monotonic() + timeout
+        while pids := self.live_vmms(paths):
+            for pid in pids:
+                try:
+                    h = proc.adopt(proc.identify(pid, marker=paths.api_socket))
+                except (AdoptionRefused, ProcessError):
+                    continue  # exited, or exec'd between the two reads: looked at again below
+                self.log.warn("ending a VMM process found by its marker", pid=pid, socket=paths.api_socket)
+                self._terminate(h)
+                ended.append(pid)
+            if time.monotonic() >= deadline:
+                left = self.live_vmms(paths)
+                if left:
+                    raise NkudoError(
+                        f"VMM process(es) {', '.join(map(str, left))} serving {paths.api_socket} "
+                        f"could not be ended within {timeout:.0f}s",
+                        code="VMM_STILL_RUNNING",
+                    )
+            time.sleep(0.01)
+        return ended
+
+    def _end_strays(self, paths: VmPaths, how: str) -> str:
+        """Last step of every stop: no process carrying the marker may outlive a reported stop."""
+        return "signal" if self.end_marker_processes(paths) else how
 
     def _finish_stop(self, h: proc.ProcessHandle, how: str) -> str:
         """After the hypervisor was asked to quit: give it 5 s, then signals; say how it ended."""

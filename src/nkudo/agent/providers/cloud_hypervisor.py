@@ -105,7 +105,7 @@ class CloudHypervisorProvider(VmmProcessProvider):
     def snapshot(self, paths: VmPaths, dest_dir: str, *, timeout: float) -> None:
         self._client(paths).snapshot(dest_dir, timeout=timeout)
 
-    def stop(
+    def stop_recorded(
         self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
     ) -> str:
         h = self._stopping(process)

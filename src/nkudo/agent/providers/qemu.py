@@ -315,7 +315,7 @@ class QemuProvider(VmmProcessProvider):
                 if was_running:
                     c.execute("cont")
 
-    def stop(
+    def stop_recorded(
         self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
     ) -> str:
         h = self._stopping(process)
