@@ -13,9 +13,11 @@ never loses or duplicates a report (the control plane dedupes by execution id).
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
 import queue
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -26,12 +28,12 @@ from nkudo import __version__, log
 from nkudo.agent import renewal
 from nkudo.agent.cpclient import IDENTITY_GONE, CpClient, CpError, CpUnreachable, backoff_delay, jittered
 from nkudo.agent.executor import Outcome
-from nkudo.agent.identity import Identity, Pki, load_cert_info, save_identity
+from nkudo.agent.identity import Identity, Pki, load_cert_info, load_identity, save_identity
 from nkudo.agent.plan import Action, parse_action
 from nkudo.agent.runtime import Agent
 from nkudo.errors import NkudoError
 from nkudo.wire import messages as wm
-from nkudo.wire.codec import encode
+from nkudo.wire.codec import encode, storable_text
 
 _log = log.get_logger("daemon")
 HEARTBEAT_META = "heartbeat"
@@ -41,6 +43,19 @@ RESULT_KIND, LOGS_KIND = "result", "logs"
 
 class IdentityRejected(NkudoError):
     """The control plane no longer accepts this agent (unenrolled, revoked, unknown)."""
+
+
+class Creds(enum.Enum):
+    """What :meth:`Daemon.pickup_credentials` found in ``--pki-dir``."""
+
+    SAME = "same"  # the files in use
+    SWITCHED = "switched"  # changed (renewed by another process) and now in use
+    PENDING = "pending"  # changed but not usable yet: a renewal is installing them, or they do not match
+    GONE = "gone"  # removed
+
+
+#: Consecutive refusals tolerated while changed credentials on disk are not usable yet.
+PENDING_LIMIT = 5
 
 
 @dataclass
@@ -62,7 +77,7 @@ def outbox_messages(out: Outcome) -> list[tuple[str, str, str]]:
         return []
     lines = [
         wm.LogLine(
-            seq=i, message=_line_text(line)[:8000], level=_level(line.get("level")), ts=_iso(line.get("ts"))
+            seq=i, message=storable_text(_line_text(line))[:8000], level=_level(line.get("level")), ts=_iso(line.get("ts"))
         )
         for i, line in enumerate(out.logs[: wm.MAX_LOG_LINES - 1])
     ]
@@ -70,7 +85,7 @@ def outbox_messages(out: Outcome) -> list[tuple[str, str, str]]:
         summary = json.dumps(out.result, sort_keys=True, default=str)
         lines.append(
             wm.LogLine(
-                seq=len(lines), message=f"result: {summary}"[:8000], level="INFO", ts=_iso(out.ended_at)
+                seq=len(lines), message=storable_text(f"result: {summary}")[:8000], level="INFO", ts=_iso(out.ended_at)
             )
         )
     msgs: list[tuple[str, str, str]] = []
@@ -82,7 +97,7 @@ def outbox_messages(out: Outcome) -> list[tuple[str, str, str]]:
         status=out.status,  # type: ignore[arg-type]
         action_id=(out.label or out.action_id)[:128],
         error_code=out.error_code if out.error_code and out.error_code.replace("_", "").isalnum() else None,
-        message=(out.error_message or "")[:8000],
+        message=storable_text(out.error_message or "")[:8000],
         started_at=_iso(out.started_at),
         finished_at=_iso(out.ended_at),
     )
@@ -132,6 +147,9 @@ class Daemon:
         self.exit_code = 0
         self.exit_reason = ""
         self._facts: wm.HostFacts | None = None
+        # The credential files the client was loaded from (run_run built it just before).
+        self._creds = renewal.cred_stamp(pki)
+        self._pending = 0
         self._worker = threading.Thread(target=self._work_loop, name="nkudo-executor", daemon=True)
         agent.executor.outbox_for = outbox_messages
         agent.executor.on_outcome = self._on_outcome
@@ -180,6 +198,7 @@ class Daemon:
                     )
                     next_beat = time.monotonic() + delay
             if self.failures == 0:
+                self.pickup_credentials()
                 self._flush_outbox()
                 self._maybe_renew()
             if self.cfg.once:
@@ -241,23 +260,18 @@ class Daemon:
         req = self.build_heartbeat()
         t0 = time.monotonic()
         try:
-            resp = self.client.heartbeat(req)
-        except CpError as exc:
-            self._record_heartbeat(False, exc.message)
-            if self.metrics is not None:
-                self.metrics.heartbeat_failed(time.monotonic() - t0)
-            if exc.code in IDENTITY_GONE:
-                raise IdentityRejected(
-                    f"the control plane no longer accepts this agent ({exc.code}: {exc.message}); "
-                    "enroll the host again with a new token",
-                    code=exc.code,
-                ) from None
-            raise
-        except CpUnreachable as exc:
+            try:
+                resp = self.client.heartbeat(req)
+            except CpError as exc:
+                if exc.code not in IDENTITY_GONE:
+                    raise
+                resp = self._retry_with_disk_credentials(req, exc)
+        except (CpError, CpUnreachable, IdentityRejected) as exc:
             self._record_heartbeat(False, exc.message)
             if self.metrics is not None:
                 self.metrics.heartbeat_failed(time.monotonic() - t0)
             raise
+        self._pending = 0
         took = time.monotonic() - t0
         if self.metrics is not None:
             self.metrics.heartbeat_sent(took)
@@ -374,6 +388,65 @@ class Daemon:
 
     # ------------------------------------------------------------- renewal
 
+    def pickup_credentials(self) -> tuple[Creds, str]:
+        """Switch the live TLS context to credentials another process installed (``nkudo-edge renew``).
+
+        Why: the old certificate stops working when the control plane's renew grace ends,
+        so a daemon that kept it would lock itself out although valid credentials are on
+        disk. ``load_cert_chain`` refuses a key that does not match the certificate, so a
+        pair caught half-renamed is never used: it is retried on the next round.
+        """
+        stamp = renewal.cred_stamp(self.pki)
+        if stamp is None:
+            return Creds.GONE, f"the credentials in {self.pki.dir} were removed"
+        if stamp == self._creds:
+            return Creds.SAME, ""
+        if renewal.installing(self.pki):
+            return Creds.PENDING, f"a renewal is installing new credentials in {self.pki.dir}"
+        try:
+            self.client.reload(self.pki.cert, self.pki.key, self.pki.ca)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+            return Creds.PENDING, f"the credentials in {self.pki.dir} changed but cannot be loaded ({reason})"
+        self._creds = stamp
+        _log.info("switched to the credentials renewed by another process", pki_dir=self.pki.dir)
+        return Creds.SWITCHED, ""
+
+    def _retry_with_disk_credentials(self, req: wm.HeartbeatRequest, exc: CpError) -> wm.HeartbeatResponse:
+        """The control plane refused the identity in use: before giving up, try the one on disk.
+
+        Re-enrolling is advised only when the credentials on disk are refused too
+        (or are the ones that were refused, or are gone).
+        """
+        refused = f"the control plane no longer accepts this agent ({exc.code}: {exc.message})"
+        advice = "enroll the host again with a new token"
+        state, why = self.pickup_credentials()
+        if state is Creds.SAME:
+            raise IdentityRejected(f"{refused}; {advice}", code=exc.code) from None
+        if state is Creds.GONE:
+            raise IdentityRejected(f"{refused} and {why}; {advice}", code=exc.code) from None
+        if state is Creds.PENDING:
+            self._pending += 1
+            if self._pending >= PENDING_LIMIT:
+                raise IdentityRejected(
+                    f"{refused}, and {why}; restore valid credentials and restart, or {advice}", code=exc.code
+                ) from None
+            raise CpError(
+                f"the control plane refused the credentials in use and {why}; retrying",
+                code="CREDENTIALS_PENDING",
+                status=exc.status,
+            ) from None
+        try:
+            return self.client.heartbeat(req)
+        except CpError as again:
+            if again.code not in IDENTITY_GONE:
+                raise
+            raise IdentityRejected(
+                f"{refused}, nor with the other credentials found in {self.pki.dir} (renewed by another "
+                f"process?), which were tried too ({again.code}: {again.message}); {advice}",
+                code=again.code,
+            ) from None
+
     def _maybe_renew(self) -> None:
         due = self.ident.renew_due()
         if due is None:  # identity from before validity was recorded: read the certificate once
@@ -388,11 +461,24 @@ class Daemon:
             due = info.renew_due()
         if not due:
             return
+        stored = load_identity(self.agent.store)
+        if (
+            stored is not None
+            and stored.cert_not_after != self.ident.cert_not_after
+            and not stored.renew_due()
+        ):
+            # `nkudo-edge renew` installed a new certificate (picked up by pickup_credentials).
+            self.ident.cert_not_before, self.ident.cert_not_after = (
+                stored.cert_not_before,
+                stored.cert_not_after,
+            )
+            return
         try:
             resp = renewal.renew(self.client, self.pki, self.ident.agent_id)
         except (CpError, CpUnreachable) as exc:
             _log.warn("certificate renewal failed; will retry", code=exc.code, error=exc.message)
             return
+        self._creds = renewal.cred_stamp(self.pki)
         self.ident.record_cert(resp.client_certificate_pem.encode())
         save_identity(self.agent.store, self.ident)
         _log.info("certificate renewed", expires_at=resp.certificate_expires_at.isoformat())

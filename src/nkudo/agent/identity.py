@@ -166,13 +166,40 @@ def load_identity(store: StateStore) -> Identity | None:
     return Identity.from_json(raw) if raw else None
 
 
+def _not_enrolled() -> NkudoError:
+    return NkudoError(
+        "this host is not enrolled (run: nkudo-edge enroll --control-plane URL --token TOKEN)",
+        code="NOT_ENROLLED",
+    )
+
+
 def require_identity(store: StateStore, pki: Pki) -> Identity:
     ident = load_identity(store)
     if ident is None or not pki.present():
-        raise NkudoError(
-            "this host is not enrolled (run: nkudo-edge enroll --control-plane URL --token TOKEN)",
-            code="NOT_ENROLLED",
-        )
+        raise _not_enrolled()
+    return ident
+
+
+def peek_identity(state_dir: str) -> Identity | None:
+    """The stored identity, or None, without creating anything.
+
+    Why: opening a :class:`StateStore` creates the state directory and database, so a
+    command run on a host that was never enrolled would leave empty state behind.
+    """
+    if not os.path.isfile(os.path.join(state_dir, "agent.db")):
+        return None
+    store = StateStore(state_dir)
+    try:
+        return load_identity(store)
+    finally:
+        store.close()
+
+
+def require_enrolled(state_dir: str, pki: Pki) -> Identity:
+    """NOT_ENROLLED before any directory or database is created (commands that need an identity)."""
+    ident = peek_identity(state_dir)
+    if ident is None or not pki.present():
+        raise _not_enrolled()
     return ident
 
 

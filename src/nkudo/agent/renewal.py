@@ -45,3 +45,25 @@ def renew(client: CpClient, pki: Pki, common_name: str) -> wm.RenewResponse:
     roll_forward(pki)
     client.reload(pki.cert, pki.key, pki.ca)
     return resp
+
+
+Stamp = tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+def cred_stamp(pki: Pki) -> Stamp | None:
+    """(inode, mtime, size) of the certificate and the key; None when either is missing.
+
+    Why this is enough to notice a renewal by another process (``nkudo-edge renew``):
+    every install renames a new file into place, so the inode changes even when a
+    clock step leaves the mtime equal.
+    """
+    try:
+        c, k = os.stat(pki.cert), os.stat(pki.key)
+    except OSError:
+        return None
+    return (c.st_ino, c.st_mtime_ns, c.st_size), (k.st_ino, k.st_mtime_ns, k.st_size)
+
+
+def installing(pki: Pki) -> bool:
+    """A renewal is between writing its ``.next`` files and renaming them: the pair may not match yet."""
+    return any(os.path.exists(p + ".next") for p in (pki.key, pki.cert))

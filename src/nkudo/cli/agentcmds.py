@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import signal
 import socket
 import sys
 from typing import Any
 
-from nkudo.cli.output import paint, print_json, use_colour
+from nkudo.cli.output import print_json
 from nkudo.errors import NkudoError, UsageError, ValidationError
 
 #: What to tell the operator for each enrollment error code.
@@ -45,7 +44,7 @@ def agent_config(p: dict[str, Any]) -> Any:
     )
 
 
-def _client(ident: Any, pki: Any) -> Any:
+def cp_client(ident: Any, pki: Any) -> Any:
     from nkudo.agent.cpclient import CpClient
 
     return CpClient(
@@ -210,11 +209,12 @@ def _version() -> str:
 
 def run_run(p: dict[str, Any]) -> int:
     from nkudo.agent.daemon import Daemon, DaemonConfig
-    from nkudo.agent.identity import Pki, require_identity
+    from nkudo.agent.identity import Pki, require_enrolled, require_identity
     from nkudo.agent.runtime import Agent
 
     pki = Pki(p["pki_dir"])
     try:
+        require_enrolled(p["state_dir"], pki)  # before Agent() creates directories and the database
         agent = Agent(agent_config(p))
     except NkudoError as exc:
         return fail(p, exc)
@@ -233,7 +233,7 @@ def run_run(p: dict[str, Any]) -> int:
             shutdown_timeout=float(p["shutdown_timeout"]),
             once=bool(p["once"]),
         )
-        daemon = Daemon(agent, ident, pki, _client(ident, pki), cfg, metrics=metrics)
+        daemon = Daemon(agent, ident, pki, cp_client(ident, pki), cfg, metrics=metrics)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: daemon.request_stop())
         rc = daemon.run()
@@ -255,147 +255,10 @@ def _metrics(agent: Any, p: dict[str, Any]) -> Any:
     return AgentMetrics(agent.store, [p["state_dir"], p["runtime_dir"], p["snapshot_dir"]], __version__)
 
 
-# ----------------------------------------------------------------- status
-
-
 def run_status(p: dict[str, Any]) -> int:
-    from nkudo.agent.identity import Pki, load_cert_info, load_identity
-    from nkudo.agent.state import StateStore
-    from nkudo.vmstate import VmStatus
+    from nkudo.cli.statuscmd import run_status as status
 
-    if not os.path.exists(os.path.join(p["state_dir"], "agent.db")):
-        doc: dict[str, Any] = {"enrolled": False, "state_dir": p["state_dir"]}
-        if p.get("json"):
-            print_json(doc)
-        else:
-            sys.stdout.write(
-                "Agent Status: not enrolled\n  (no state in {}; run nkudo-edge enroll)\n".format(p["state_dir"])
-            )
-        return 1
-    store = StateStore(p["state_dir"])
-    try:
-        ident = load_identity(store)
-        pki = Pki(p["pki_dir"])
-        cert = load_cert_info(pki)
-        hb = json.loads(store.get_meta("heartbeat") or "{}")
-        counts = {s.value: 0 for s in VmStatus}
-        for vm in store.list_vms():
-            counts[vm.status.value] += 1
-    finally:
-        store.close()
-    now = dt.datetime.now(dt.UTC)
-    doc = {
-        "enrolled": ident is not None,
-        "agent_id": ident.agent_id if ident else None,
-        "tenant_id": ident.tenant_id if ident else None,
-        "site_id": ident.site_id if ident else None,
-        "host_id": ident.host_id if ident else None,
-        "control_plane": ident.control_plane if ident else None,
-        "certificate": None,
-        "connection": {
-            "last_heartbeat_at": _ts(hb.get("last_success_at")),
-            "last_heartbeat_age_seconds": round(now.timestamp() - hb["last_success_at"], 1)
-            if hb.get("last_success_at")
-            else None,
-            "last_attempt_at": _ts(hb.get("last_attempt_at")),
-            "status": hb.get("status", "never connected"),
-            "error": hb.get("error"),
-        },
-        "vms": {k.lower(): v for k, v in counts.items()},
-    }
-    if cert is not None:
-        doc["certificate"] = {
-            "serial": cert.serial,
-            "expires_at": cert.not_after.isoformat(),
-            "days_remaining": cert.remaining(now).days,
-            "valid": cert.valid(now),
-            "renew_due": cert.renew_due(now),
-        }
-    rc = 0 if ident is not None else 1
-    if p.get("check_connection") and ident is not None:
-        check = _probe_connection(ident, pki)
-        doc["connection"]["check"] = check
-        if not check["ok"]:
-            rc = 1
-    if p.get("json"):
-        print_json(doc)
-        return rc
-    colour = use_colour(sys.stdout)
-    lines = [f"Agent Status: {'enrolled' if ident else 'not enrolled'}"]
-    if ident:
-        lines += [
-            f"Agent ID:     {ident.agent_id}",
-            f"Tenant ID:    {ident.tenant_id}",
-            f"Site ID:      {ident.site_id}",
-            f"Control plane: {ident.control_plane}",
-            "",
-            "Certificate:",
-        ]
-        if cert is None:
-            lines.append(paint("  missing (credentials not found in " + pki.dir + ")", "red", colour))
-        else:
-            lines += [
-                f"  Expires:    {cert.not_after:%Y-%m-%d %H:%M} UTC ({_left(cert.remaining(now))} remaining)",
-                f"  Valid:      {'yes' if cert.valid(now) else paint('no', 'red', colour)}",
-            ]
-        c = doc["connection"]
-        lines += ["", "Connection:"]
-        if c["last_heartbeat_at"]:
-            lines.append(
-                f"  Last Heartbeat: {c['last_heartbeat_at'][:19].replace('T', ' ')} UTC ({_age(c['last_heartbeat_age_seconds'])} ago)"
-            )
-        else:
-            lines.append("  Last Heartbeat: never")
-        status = c["status"] if not c.get("check") else ("connected" if c["check"]["ok"] else "unreachable")
-        lines.append(
-            f"  Status:         {status}"
-            + (f" ({c['error']})" if c.get("error") and status != "connected" else "")
-        )
-        if c.get("check") and not c["check"]["ok"]:
-            lines.append(f"  Check:          {c['check']['error']}")
-    lines += ["", "VMs: " + (", ".join(f"{v} {k}" for k, v in doc["vms"].items() if v) or "none")]
-    sys.stdout.write("\n".join(lines) + "\n")
-    return rc
-
-
-def _left(delta: dt.timedelta) -> str:
-    secs = delta.total_seconds()
-    if secs <= 0:
-        return "none: expired"
-    return (
-        f"{int(secs // 86400)} days"
-        if secs >= 2 * 86400
-        else f"{int(secs // 3600)}h {int(secs % 3600 // 60)}m"
-    )
-
-
-def _ts(v: float | None) -> str | None:
-    return None if v is None else dt.datetime.fromtimestamp(v, dt.UTC).isoformat()
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    return f"{s}s" if s < 120 else (f"{s // 60}m" if s < 7200 else f"{s // 3600}h")
-
-
-def _probe_connection(ident: Any, pki: Any) -> dict[str, Any]:
-    """An authenticated round trip that changes nothing: GET /v1/plans/next would lease, so use /readyz over mTLS."""
-    from nkudo.agent.cpclient import CpError, CpUnreachable
-
-    client = _client(ident, pki)
-    try:
-        status, _ = client.request("GET", "/readyz")
-        return {
-            "ok": status == 200,
-            "http_status": status,
-            "error": None if status == 200 else f"HTTP {status}",
-        }
-    except (CpError, CpUnreachable) as exc:
-        return {"ok": False, "error": exc.message}
-    finally:
-        client.close()
+    return status(p)
 
 
 # --------------------------------------------------------------- unenroll
@@ -403,7 +266,7 @@ def _probe_connection(ident: Any, pki: Any) -> dict[str, Any]:
 
 def run_unenroll(p: dict[str, Any]) -> int:
     from nkudo.agent.cpclient import CpError, CpUnreachable
-    from nkudo.agent.identity import IDENTITY_KEY, Pki, load_identity
+    from nkudo.agent.identity import IDENTITY_KEY, Pki, load_identity, peek_identity
     from nkudo.agent.plan import parse_action
     from nkudo.agent.runtime import Agent
     from nkudo.wire import messages as wm
@@ -411,14 +274,17 @@ def run_unenroll(p: dict[str, Any]) -> int:
     if p["keep_vms"] and p["delete_vms"]:
         raise UsageError("--keep-vms and --delete-vms exclude each other")
     pki = Pki(p["pki_dir"])
+    not_enrolled = NkudoError("this host is not enrolled; nothing to do", code="NOT_ENROLLED")
     try:
+        if peek_identity(p["state_dir"]) is None:  # before Agent() creates directories and the database
+            return fail(p, not_enrolled)
         agent = Agent(agent_config(p))
     except NkudoError as exc:
         return fail(p, exc)
     try:
         ident = load_identity(agent.store)
         if ident is None:
-            return fail(p, NkudoError("this host is not enrolled; nothing to do", code="NOT_ENROLLED"))
+            return fail(p, not_enrolled)
         vms = agent.store.list_vms()
         delete = not p["keep_vms"]
         if not p["yes"] and sys.stdin.isatty():
@@ -429,7 +295,7 @@ def run_unenroll(p: dict[str, Any]) -> int:
                 sys.stdout.write("Aborted; nothing changed.\n")
                 return 1
         remote = "done"
-        client = _client(ident, pki)
+        client = cp_client(ident, pki)
         try:
             client.unenroll(wm.UnenrollRequest())
         except (CpError, CpUnreachable) as exc:
@@ -491,11 +357,15 @@ def run_unenroll(p: dict[str, Any]) -> int:
 def run_renew(p: dict[str, Any]) -> int:
     from nkudo.agent import renewal
     from nkudo.agent.cpclient import CpError, CpUnreachable
-    from nkudo.agent.identity import Pki, load_cert_info, require_identity, save_identity
+    from nkudo.agent.identity import Pki, load_cert_info, require_enrolled, require_identity, save_identity
     from nkudo.agent.state import StateStore
 
-    store = StateStore(p["state_dir"])
     pki = Pki(p["pki_dir"])
+    try:
+        require_enrolled(p["state_dir"], pki)  # before StateStore() creates the directory and database
+    except NkudoError as exc:
+        return fail(p, exc)
+    store = StateStore(p["state_dir"])
     try:
         ident = require_identity(store, pki)
         renewal.roll_forward(pki)
@@ -510,7 +380,7 @@ def run_renew(p: dict[str, Any]) -> int:
                 ),
                 "Use --force to renew now.",
             )
-        client = _client(ident, pki)
+        client = cp_client(ident, pki)
         try:
             resp = renewal.renew(client, pki, ident.agent_id)
         except (CpError, CpUnreachable) as exc:
@@ -539,15 +409,19 @@ def run_verify_heartbeat(p: dict[str, Any]) -> int:
     import time
 
     from nkudo.agent.cpclient import CpError, CpUnreachable
-    from nkudo.agent.identity import Pki, require_identity
+    from nkudo.agent.identity import Pki, require_enrolled, require_identity
     from nkudo.agent.state import StateStore
     from nkudo.wire import messages as wm
 
-    store = StateStore(p["state_dir"])
     pki = Pki(p["pki_dir"])
     try:
+        require_enrolled(p["state_dir"], pki)  # before StateStore() creates the directory and database
+    except NkudoError as exc:
+        return fail(p, exc)
+    store = StateStore(p["state_dir"])
+    try:
         ident = require_identity(store, pki)
-        client = _client(ident, pki)
+        client = cp_client(ident, pki)
         t0 = time.monotonic()
         try:
             from nkudo.agent.daemon import vm_summaries

@@ -70,10 +70,22 @@ def cli(ctx: click.Context, /, **params: Any) -> None:
 
 def _command(name: str, help_text: str) -> None:
     @cli.command(name=name, help=help_text, context_settings=CONTEXT)
-    @_with_options(options.COMMAND_OPTS[name])
+    @_with_options(options.COMMAND_OPTS[name] + options.GLOBAL_OPTS_AFTER)
     @click.pass_obj
     def _cmd(obj: dict[str, Any], /, **params: Any) -> int:
-        return RUNNERS[name]({**obj, **params})
+        return RUNNERS[name](_merge_globals(obj, params))
+
+
+def _merge_globals(obj: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The group's parameters overridden by global options given after the command (the later wins)."""
+    after = {k: params.pop(k) for k in options.GLOBAL_NAMES}
+    given = {k: v for k, v in after.items() if v is not None}
+    merged = {**obj, **params, **given}
+    if "log_level" in given or "log_format" in given:
+        from nkudo import log
+
+        log.configure(merged["log_level"], merged["log_format"])
+    return merged
 
 
 _command("version", "Print versions and which native modules are loaded.")

@@ -81,6 +81,16 @@ GLOBAL_OPTS = (
     ),
 )
 
+GLOBAL_NAMES = frozenset(o.name for o in GLOBAL_OPTS)
+
+#: The global options as accepted after the command: no default and no environment
+#: variable of their own, so an absent one leaves the value given before the command
+#: (or by NKUDO_*) in place.
+GLOBAL_OPTS_AFTER = tuple(
+    Opt(o.flag, choices=o.choices, kind=o.kind, help=f"{o.help} Also accepted before the command.")
+    for o in GLOBAL_OPTS
+)
+
 RUNTIME_DIR_OPT = Opt(
     "--runtime-dir",
     default="/var/lib/nkudo-edge/vms",
@@ -380,8 +390,14 @@ def _from_env(opt: Opt) -> Any:
         raise _Reject from None
 
 
-def _parse_opts(args: list[str], specs: tuple[Opt, ...], out: dict[str, Any]) -> list[str]:
-    """Consume leading options of ``specs`` from ``args``; return the rest."""
+def _parse_opts(
+    args: list[str], specs: tuple[Opt, ...], out: dict[str, Any], keep: frozenset[str] = frozenset()
+) -> list[str]:
+    """Consume leading options of ``specs`` from ``args``; return the rest.
+
+    Options named in ``keep`` that are not given keep their value in ``out`` (the global
+    options already parsed before the command) instead of falling back to env/default.
+    """
     by_flag = {o.flag: o for o in specs}
     seen: set[str] = set()
     i = 0
@@ -416,20 +432,25 @@ def _parse_opts(args: list[str], specs: tuple[Opt, ...], out: dict[str, Any]) ->
                 out[opt.name] = v
         seen.add(opt.name)
     for opt in specs:
-        if opt.name not in seen:
+        if opt.name not in seen and opt.name not in keep:
             out[opt.name] = _from_env(opt)
     return args[i:]
 
 
 def fast_parse(argv: list[str]) -> tuple[str, dict[str, Any]] | None:
-    """Parse ``[global options] COMMAND [options]`` for a fast command, else None."""
+    """Parse ``[global options] COMMAND [options]`` for a fast command, else None.
+
+    The global options are accepted after the command too (operators write
+    ``nkudo-edge run --log-level debug`` as with kubectl or systemctl); given in
+    both places, the later one wins, as in click.
+    """
     try:
         params: dict[str, Any] = {}
         rest = _parse_opts(argv, GLOBAL_OPTS, params)
         if not rest or rest[0] not in FAST_COMMANDS:
             return None
         cmd = rest[0]
-        left = _parse_opts(rest[1:], COMMAND_OPTS[cmd], params)
+        left = _parse_opts(rest[1:], COMMAND_OPTS[cmd] + GLOBAL_OPTS, params, GLOBAL_NAMES)
         if left:
             return None
         return cmd, params
