@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import entered_netns
+from tests.conftest import entered_netns, skip_or_fail
 
 from nkudo.agent.executor import Executor
 from nkudo.agent.plan import parse_plan
@@ -76,7 +76,7 @@ def test_executor_overhead(tmp_path: Path, gate: Callable[..., None], benchmark:
 @pytest.mark.slow
 def test_boot_50_vms_against_simulator(tmp_path: Path, gate: Callable[..., None], benchmark: Any) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root for a network namespace")
+        skip_or_fail("needs root for a network namespace")
     ns = f"nkb-{uuid.uuid4().hex[:6]}"
     root = Path(f"/tmp/nkb-{uuid.uuid4().hex[:6]}")
     images = root / "images"

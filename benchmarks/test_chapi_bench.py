@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from tests.chsim.simproc import Sim
 
-from benchmarks.conftest import interleaved, record_gate
+from benchmarks.conftest import GateRunFailed, checked, interleaved, record_gate
 from nkudo import _native
 from nkudo.chapi import ChClient, codec
 
@@ -68,7 +68,8 @@ def _callables(path: str) -> dict[str, Callable[[], object]]:
         resp = conn.getresponse()
         body = resp.read()
         conn.close()
-        assert resp.status == 200
+        if resp.status != 200 or not body:
+            raise GateRunFailed(f"http.client vmm.ping answered {resp.status}: {body[:200]!r}")
         return body
 
     def raw_floor() -> object:
@@ -84,11 +85,14 @@ def _callables(path: str) -> dict[str, Callable[[], object]]:
         s.close()
         return got
 
+    def ok(r: codec.Response) -> bool:
+        return r.status == 200 and bool(r.body)
+
     return {
-        "native": lambda: native.request("GET", "vmm.ping"),
-        "python": lambda: python.request("GET", "vmm.ping"),
+        "native": checked(lambda: native.request("GET", "vmm.ping"), ok, "native vmm.ping"),
+        "python": checked(lambda: python.request("GET", "vmm.ping"), ok, "python vmm.ping"),
         "http_client": http_client,
-        "raw_floor": raw_floor,
+        "raw_floor": checked(raw_floor, lambda got: got >= total, "raw vmm.ping round trip"),
     }
 
 

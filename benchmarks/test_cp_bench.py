@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import skip_or_fail
 
 from benchmarks.conftest import record_gate
 
@@ -157,9 +158,7 @@ def _setup(backend: str, tmp: Path, n_agents: int, extra: list[str]) -> tuple[An
         try:
             cluster = start_cluster(durable=True)
         except Exception as exc:
-            if os.environ.get("CI"):
-                pytest.fail(f"PostgreSQL required in CI: {exc}")
-            pytest.skip(f"PostgreSQL not available: {exc}")
+            skip_or_fail(f"PostgreSQL not available: {exc}")
         url = cluster.create_database()
     srv = start_server(tmp / "cp", database_url=url, extra=extra)
     tenant = new_tenant(srv)

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import skip_or_fail
 
-from benchmarks.conftest import interleaved, record_gate, timed
+from benchmarks.conftest import GateRunFailed, checked, interleaved, record_gate, timed
 from nkudo import _native
 from nkudo.host import syscalls
 from nkudo.net.hostnet import HostNet, open_backend
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _private_netns() -> Iterator[str]:
     """A fresh netns entered by this thread; deleting it removes every device the benchmark made."""
     if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
+        skip_or_fail("needs root (network namespaces)")
     name = f"nkb-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -135,9 +136,11 @@ def test_link_lookup_gate(nets: dict[str, Any]) -> None:
     per = 20  # calls per sample: alternating single calls would charge each side the other's cache misses
 
     def batch(fn: Callable[[], object]) -> Callable[[], None]:
+        # A lookup answering "absent" is fast and wrong: every answer must be the bridge.
         def run() -> None:
             for _ in range(per):
-                fn()
+                if not fn():
+                    raise GateRunFailed("link lookup of br0 found nothing")
 
         return run
 
@@ -176,9 +179,15 @@ def test_delete_report(nets: dict[str, Any]) -> None:
     pyr_names = [native.create_tap("pyr", i).name for i in range(n)]
     batch_names = [native.create_tap("batch", i).name for i in range(n)]
     it_seq, it_pyr = iter(seq_names), iter(pyr_names)
-    seq = timed(lambda: native.delete_tap(next(it_seq)), rounds=n, warmup=0)
-    pyr_t = timed(lambda: pyr.delete_tap(next(it_pyr)), rounds=n, warmup=0)
-    batch = timed(lambda: native.delete_taps(batch_names), rounds=1, warmup=0)
+    # delete_tap answers False at once for an absent device: each timed call must really delete.
+    deleted = checked(lambda: native.delete_tap(next(it_seq)), lambda r: r is True, "native delete_tap")
+    seq = timed(deleted, rounds=n, warmup=0)
+    deleted = checked(lambda: pyr.delete_tap(next(it_pyr)), lambda r: r is True, "pyroute2 delete_tap")
+    pyr_t = timed(deleted, rounds=n, warmup=0)
+    all_gone = checked(
+        lambda: native.delete_taps(batch_names), lambda r: sorted(r) == sorted(batch_names), "delete_taps"
+    )
+    batch = timed(all_gone, rounds=1, warmup=0)
     assert all(native.get_link(x) is None for x in seq_names + pyr_names + batch_names)
     per_dev_batch = batch["median"] / n
     gain = seq["median"] / per_dev_batch

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.conftest import interleaved, record_gate
+from benchmarks.conftest import checked, interleaved, record_gate
 from nkudo import _native
 from nkudo.log import configure
 from nkudo.proc import ExitStatus, ProcessHandle, Supervisor, spawn
@@ -129,8 +129,10 @@ def test_native_vs_twin_timings(tmp_path: Path) -> None:
                 _pid, fd = psys.spawn("/usr/bin/true", ["true"], ENV, stdin, out, out, native=native)
                 spawn_s[native].append(time.perf_counter() - t0)
                 assert fd is not None
-                psys.waitid_pidfd(fd, os.WEXITED, native=False)
+                st = psys.waitid_pidfd(fd, os.WEXITED, native=False)
                 os.close(fd)
+                # A spawn whose exec failed also returns fast: only a child that ran `true` counts.
+                assert st is not None and (st.code, st.status) == (os.CLD_EXITED, 0), st
         spawn_t = {
             name: {"min": min(v), "median": statistics.median(v)}
             for name, v in (("native", spawn_s[True]), ("twin", spawn_s[False]))
@@ -138,8 +140,8 @@ def test_native_vs_twin_timings(tmp_path: Path) -> None:
         pid = os.getpid()
         stat_t = interleaved(
             {
-                "native": lambda: psys.proc_start_time(pid, native=True),
-                "twin": lambda: psys.proc_start_time(pid, native=False),
+                "native": checked(lambda: psys.proc_start_time(pid, native=True), bool, "native start time"),
+                "twin": checked(lambda: psys.proc_start_time(pid, native=False), bool, "twin start time"),
             },
             rounds=2000,
         )

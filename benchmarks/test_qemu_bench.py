@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.conftest import skip_or_fail
 from tests.qemu import guest
 
-from benchmarks.conftest import interleaved, timed
+from benchmarks.conftest import GateRunFailed, checked, interleaved, timed
 from nkudo import _native
 from nkudo.agent.provider import LaunchSpec, VmPaths
 from nkudo.agent.providers.qemu import QemuProvider
@@ -88,7 +89,9 @@ def test_tcg_boot_and_agent_overhead(images: tuple[str, str], gate: Callable[...
             # One QMP session (connect, greeting, negotiation, one command), measured on the live VM.
             def session(sock: str = paths.api_socket) -> None:
                 with QmpClient(sock, timeout=5) as c:
-                    c.status()
+                    st = c.status()
+                if st != "running":
+                    raise GateRunFailed(f"QMP session on a running VM reported {st!r}")
 
             sess = timed(session, rounds=20, warmup=2)["median"]
             sessions.append(sess)
@@ -119,14 +122,24 @@ def test_tcg_boot_and_agent_overhead(images: tuple[str, str], gate: Callable[...
     assert pct < 5.0, f"agent overhead {over * 1000:.1f} ms is {pct:.2f}% of the {boot:.2f}s boot (gate 5%)"
 
 
+def _smoke_ran(r: kvm.SmokeRaw) -> bool:
+    """The guest ran to the end: no failing step, and it trapped on its OUT then its HLT."""
+    stage, _err, exits, _io = r
+    return stage == "" and tuple(exits[:2]) == (kvm.KVM_EXIT_IO, kvm.KVM_EXIT_HLT)
+
+
 def test_kvm_smoke_cost(gate: Callable[..., None]) -> None:
     if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm on this host")
+        skip_or_fail("no /dev/kvm on this host")
     mod = _native.load("kvm")
     if mod is None:
         pytest.fail(f"native kvm module not loaded: {_native.reason('kvm')}")
     res = interleaved(
-        {"native": lambda: mod.smoke("/dev/kvm"), "twin": lambda: kvm._smoke_py("/dev/kvm")}, rounds=30
+        {
+            "native": checked(lambda: mod.smoke("/dev/kvm"), _smoke_ran, "native KVM smoke test"),
+            "twin": checked(lambda: kvm._smoke_py("/dev/kvm"), _smoke_ran, "twin KVM smoke test"),
+        },
+        rounds=30,
     )
     gate(
         "kvm_smoke",

@@ -6,7 +6,8 @@ import contextlib
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import NoReturn
 
 import pytest
 
@@ -14,9 +15,58 @@ from nkudo import _native
 from nkudo.host import syscalls
 
 
+def in_ci() -> bool:
+    """True when ``CI`` is set (as CI services set it): every capability must then be present."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """A capability (root, KVM, PostgreSQL, a system tool) is missing: skip locally, fail under CI.
+
+    Why: CI provisions every capability the suite needs, so a test that skips
+    there has silently stopped testing; locally a skip with its reason is the
+    helpful answer. Call this at every capability check instead of ``pytest.skip``.
+    """
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: a missing capability fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "ci_may_skip(reason): this test may skip under CI for a reason other than a missing "
+        "capability (e.g. a race it cannot stage); the reason says why",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, object, None]:
+    """Under CI, a skip is a failure (unless the test is marked ``ci_may_skip``).
+
+    Why a hook as well as :func:`skip_or_fail`: a future plain ``pytest.skip``
+    or ``skipif`` must not quietly stop a test from running in CI.
+    """
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if not (in_ci() and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    if item.get_closest_marker("ci_may_skip") is not None:
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped while CI is set (skips are failures in CI; use skip_or_fail): {reason}"
+
+
+ci_skip_guard = pytest_runtest_makereport
+
+
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, /dev/kvm); run the suite as root as CI does")
+        skip_or_fail("needs root (network namespaces, /dev/kvm); run the suite as root as CI does")
 
 
 @contextlib.contextmanager
@@ -69,9 +119,9 @@ def require_native(name: str) -> None:
     """Native modules must be built: in CI a missing one is a failure, not a skip."""
     mod = _native.load(name)
     if mod is None:
-        if os.environ.get("CI") or not _native.native_disabled():
+        if in_ci() or not _native.native_disabled():
             pytest.fail(f"native module {name!r} not loaded: {_native.reason(name)}")
-        pytest.skip(f"native module {name!r} disabled: {_native.reason(name)}")
+        skip_or_fail(f"native module {name!r} disabled: {_native.reason(name)}")
 
 
 def live_pids(*needles: bytes) -> list[int]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from nkudo.cli.options import COMMAND_OPTS, GLOBAL_OPTS
+from tests.conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "packaging" / "systemd"
@@ -146,7 +147,7 @@ def _analyze() -> str:
     exe = shutil.which("systemd-analyze")
     if exe is None:
         print("SKIP: systemd-analyze not installed (apt-get install systemd); strict parse tests still ran")
-        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+        skip_or_fail("systemd-analyze not installed (apt-get install systemd)")
     return exe
 
 
@@ -182,7 +183,7 @@ def test_systemd_analyze_security_exposure(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     if "Unknown option" in p.stderr or "unrecognized option" in p.stderr:
-        pytest.skip(f"this systemd-analyze has no offline security mode: {p.stderr.strip()}")
+        skip_or_fail(f"this systemd-analyze has no offline security mode: {p.stderr.strip()}")
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout)
     assert m, p.stdout[-2000:] + p.stderr
     assert float(m.group(1)) <= 3.0 and p.returncode == 0, p.stdout[-2000:]
@@ -192,7 +193,7 @@ def test_sysusers_creates_the_user_in_kvm(tmp_path: Path) -> None:
     exe = shutil.which("systemd-sysusers")
     if exe is None:
         print("SKIP: systemd-sysusers not installed")
-        pytest.skip("systemd-sysusers not installed")
+        skip_or_fail("systemd-sysusers not installed")
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
@@ -263,10 +264,10 @@ def _as_unit_user(ns: str, caps: str, code: str, *args: str) -> subprocess.Compl
 
 def test_the_units_capabilities_are_enough_and_needed(unit: dict[str, list[tuple[str, str]]]) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to make a network namespace and switch uid")
+        skip_or_fail("needs root to make a network namespace and switch uid")
     for tool in ("ip", "setpriv", "/usr/bin/python3"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed")
+            skip_or_fail(f"{tool} not installed")
     caps = _caps(unit)
     assert caps == "+net_admin"
     ns = f"nkt-{uuid.uuid4().hex[:8]}"
@@ -275,7 +276,7 @@ def test_the_units_capabilities_are_enough_and_needed(unit: dict[str, list[tuple
         probe = _as_unit_user(ns, "", "import nkudo.net.hostnet")
         if probe.returncode != 0:  # e.g. a checkout under /root (0700): uid 65534 cannot import it
             print(f"SKIP: the checkout at {ROOT} is not importable by an unprivileged uid: {probe.stderr[-300:]}")
-            pytest.skip(f"the checkout at {ROOT} is not importable by an unprivileged uid")
+            skip_or_fail(f"the checkout at {ROOT} is not importable by an unprivileged uid")
         # Without the capability the agent cannot build its network (the negative control).
         denied = _as_unit_user(ns, "", _AGENT)
         assert denied.returncode != 0 and "NET_PERMISSION_DENIED" in denied.stderr, denied.stdout + denied.stderr

@@ -13,6 +13,7 @@ import pytest
 
 from nkudo.cli.options import CHECK_IDS as OPT_CHECK_IDS
 from nkudo.host.checks import CHECK_IDS
+from tests.conftest import skip_or_fail
 
 EDGE = str(Path(sys.executable).parent / "nkudo-edge")
 
@@ -123,7 +124,7 @@ def test_missing_and_non_kvm_devices_fail_cleanly(tmp_path: Path) -> None:
 
 def test_read_only_state_dir_fails(tmp_path: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root for a private mount namespace")
+        skip_or_fail("needs root for a private mount namespace")
     ro = tmp_path / "ro"
     ro.mkdir()
     script = f"mount -t tmpfs -o ro tmpfs {ro} && exec {EDGE} --state-dir {ro} check --json --skip kvm"

@@ -9,7 +9,7 @@ import pytest
 
 from nkudo import _native
 from nkudo.host import kvm
-from tests.conftest import require_native
+from tests.conftest import require_native, skip_or_fail
 
 CAPS = [*kvm.REQUIRED_CAPS["x86_64"].values(), *kvm.INFO_CAPS.values(), 999_999]
 
@@ -24,7 +24,7 @@ def _native_probe(path: str, caps: list[int], create_vm: bool) -> kvm.RawProbe:
 @pytest.fixture
 def kvm_dev() -> str:
     if not os.path.exists("/dev/kvm"):
-        pytest.skip("this host has no /dev/kvm")
+        skip_or_fail("this host has no /dev/kvm")
     return "/dev/kvm"
 
 
@@ -98,7 +98,7 @@ def test_report_on_bad_devices(path: str, needle: str, remedy: str) -> None:
 
 def test_permission_denied_is_explained(tmp_path: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to drop privileges in a child")
+        skip_or_fail("needs root to drop privileges in a child")
     # A child that drops to an unprivileged uid cannot open a 0600 root-owned device.
     import subprocess
     import sys
@@ -110,7 +110,7 @@ def test_permission_denied_is_explained(tmp_path: Path) -> None:
     )
     st = os.stat("/dev/kvm") if os.path.exists("/dev/kvm") else None
     if st is None or st.st_mode & 0o006:
-        pytest.skip("/dev/kvm missing or world-accessible on this host")
+        skip_or_fail("/dev/kvm missing or world-accessible on this host")
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.splitlines()

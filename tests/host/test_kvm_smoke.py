@@ -12,13 +12,13 @@ import pytest
 
 from nkudo import _native
 from nkudo.host import checks, kvm
-from tests.conftest import require_native
+from tests.conftest import require_native, skip_or_fail
 
 
 @pytest.fixture
 def kvm_dev() -> str:
     if not os.path.exists("/dev/kvm"):
-        pytest.skip("this host has no /dev/kvm")
+        skip_or_fail("this host has no /dev/kvm")
     return "/dev/kvm"
 
 

@@ -136,6 +136,7 @@ def _spawn_at_pid(pid: int, reaper: Reaper, log: Path) -> ProcessHandle | None:
     return None
 
 
+@pytest.mark.ci_may_skip(reason="a race (another process takes the pid first), not a missing capability")
 def test_refuses_reused_pid(reaper: Reaper, tmp_path: Path, impl: str) -> None:
     native = native_flag(impl)
     old = reaper.add(spawn(["sleep", "60"], env=ENV, log_path=tmp_path / "a.log", native=native))

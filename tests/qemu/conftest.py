@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent.conftest import Host, host  # noqa: F401  (re-exported fixture)
-from tests.conftest import live_pids
+from tests.conftest import live_pids, skip_or_fail
 from tests.qemu import guest
 
 
@@ -31,9 +31,7 @@ def guest_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ]
     if missing:
         msg = "Debian packages missing: " + " ".join(missing) + " (scripts/ci-qemu.sh installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        skip_or_fail(msg)
     assert kernel is not None
     d = tmp_path_factory.mktemp("guest")
     return Path(kernel), guest.build_initramfs(d / "initramfs.cpio.gz", kernel)

@@ -25,6 +25,7 @@ from nkudo.qmp import (
     QmpSocketMissingError,
     Return,
 )
+from tests.conftest import skip_or_fail
 from tests.qemu import guest
 
 # Recorded from qemu-system-x86_64 7.2.22 over its QMP socket (server lines end in \r\n).
@@ -129,9 +130,7 @@ def test_partial_line_is_buffered_not_parsed() -> None:
 @pytest.fixture
 def live_qemu(tmp_path: Path) -> Iterator[str]:
     if guest.have_qemu() is None:
-        if os.environ.get("CI"):
-            pytest.fail("qemu-system-x86_64 missing (scripts/ci-qemu.sh installs qemu-system-x86)")
-        pytest.skip("qemu-system-x86_64 not installed")
+        skip_or_fail("qemu-system-x86_64 not installed (scripts/ci-qemu.sh installs qemu-system-x86)")
     sock = str(tmp_path / "qmp.sock")
     p = subprocess.Popen(
         ["qemu-system-x86_64", "-M", "microvm,accel=tcg", "-nodefaults", "-no-user-config", "-display", "none",

@@ -9,8 +9,9 @@ ownership, idempotence, error codes, messages) is taken once, here, by
 test-suite only has to prove that the drivers leave the same kernel state.
 
 Ownership: each TAP carries the ifalias ``nkudo:vm=<vm id>``. A device without
-that marker is never modified, adopted or deleted; one with the marker of the
-same VM is re-used. The native and twin drivers set the marker before the TAP
+that marker, or one that is not a TAP (see :attr:`nkudo.net.link.Link.vm_id`),
+is never modified, adopted or deleted; a TAP with the marker of the same VM is
+re-used. The native and twin drivers set the marker before the TAP
 becomes persistent, so even a crash mid-creation cannot leak an unmarked TAP.
 
 A :class:`HostNet` holds one netlink socket bound to the network namespace of
@@ -37,6 +38,7 @@ from nkudo.net.errors import (
     NetNotOwned,
     NetPermissionDenied,
 )
+from nkudo.net.link import OWNER_PREFIX, Link
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -83,7 +85,6 @@ if TYPE_CHECKING:
         def close(self) -> None: ...
 
 
-OWNER_PREFIX = "nkudo:vm="
 TAP_PREFIX = "nk"
 MAX_NIC_INDEX = 999
 MIN_MTU = 68
@@ -92,76 +93,6 @@ BACKENDS = ("native", "twin", "pyroute2")
 _MAX_VM_ID = rtnl.IFALIASZ - 1 - len(OWNER_PREFIX)
 
 log = get_logger("net")
-
-
-class TunInfo:
-    """The TUN/TAP settings the kernel reports for a device (IFLA_INFO_DATA of kind ``tun``)."""
-
-    __slots__ = ("multi_queue", "owner", "persist", "pi", "type", "vnet_hdr")
-
-    def __init__(self, d: dict[str, object]) -> None:
-        self.type = str(d["type"])
-        owner = d["owner"]
-        self.owner = owner if isinstance(owner, int) else None
-        self.pi = bool(d["pi"])
-        self.vnet_hdr = bool(d["vnet_hdr"])
-        self.persist = bool(d["persist"])
-        self.multi_queue = bool(d["multi_queue"])
-
-    def to_dict(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TunInfo) and self.to_dict() == other.to_dict()
-
-    def __hash__(self) -> int:
-        return hash(tuple(self.to_dict().items()))
-
-    def __repr__(self) -> str:
-        return f"TunInfo({self.to_dict()!r})"
-
-
-class Link:
-    """A network device as the kernel reported it at lookup time."""
-
-    __slots__ = ("alias", "flags", "index", "kind", "mac", "master", "mtu", "name", "operstate", "tun", "up")
-
-    def __init__(self, d: dict[str, object]) -> None:
-        self.index = int(d["index"])  # type: ignore[call-overload]
-        self.name = str(d["name"])
-        self.flags = int(d["flags"])  # type: ignore[call-overload]
-        self.up = bool(d["up"])
-        mtu, master, mac, kind, alias, tun = d["mtu"], d["master"], d["mac"], d["kind"], d["alias"], d["tun"]
-        self.mtu = mtu if isinstance(mtu, int) else None
-        self.master = master if isinstance(master, int) and master > 0 else None
-        self.mac = mac if isinstance(mac, str) else None
-        self.kind = kind if isinstance(kind, str) else None
-        self.operstate = str(d["operstate"])
-        self.alias = alias if isinstance(alias, str) else None
-        self.tun = TunInfo(tun) if isinstance(tun, dict) else None
-
-    @property
-    def vm_id(self) -> str | None:
-        """The VM whose marker this device carries, or None if nkudo does not own it."""
-        if self.alias and self.alias.startswith(OWNER_PREFIX) and self.kind == "tun":
-            return self.alias[len(OWNER_PREFIX) :]
-        return None
-
-    def to_dict(self) -> dict[str, object]:
-        out = {k: getattr(self, k) for k in self.__slots__}
-        out["tun"] = self.tun.to_dict() if self.tun else None
-        return out
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Link) and self.to_dict() == other.to_dict()
-
-    def __hash__(self) -> int:
-        return hash((self.index, self.name))
-
-    def __repr__(self) -> str:
-        return (
-            f"Link({self.name!r}, index={self.index}, kind={self.kind!r}, up={self.up}, master={self.master})"
-        )
 
 
 # --------------------------------------------------------------------------- validation
@@ -313,14 +244,7 @@ class HostNet:
             links = [Link(d) for d in self._d.dump_links()]
         except OSError as exc:
             raise map_oserror(exc, "list", "all links") from None
-        return [
-            lk
-            for lk in links
-            if lk.vm_id is not None
-            and (vm_id is None or lk.vm_id == vm_id)
-            and lk.tun
-            and lk.tun.type == "tap"
-        ]
+        return [lk for lk in links if lk.vm_id is not None and (vm_id is None or lk.vm_id == vm_id)]
 
     # bridges ---------------------------------------------------------------
 
@@ -450,7 +374,7 @@ class HostNet:
         return link
 
     def _check_reusable(self, existing: Link, vm_id: str, bridge: str | None) -> None:
-        if existing.vm_id == vm_id and existing.tun is not None and existing.tun.type == "tap":
+        if existing.vm_id == vm_id:  # implies a TAP: see Link.vm_id
             return
         owner = (
             f"nkudo VM {existing.vm_id!r}"
