@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from nkudo.cp.client import ApiCallError, Client
 from nkudo.cp.pki import make_csr
 
+from .openapi_check import CheckedClient
 from .pg import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,8 +45,9 @@ class Server:
 
     def client(self, *, admin: bool = False, api_key: str | None = None,
                cert: tuple[Path, Path] | None = None) -> Client:
-        return Client(self.url, ca_file=self.ca_file, admin_key=self.admin_key if admin else None,
-                      api_key=api_key, client_cert=cert)
+        """A client whose every response is checked against openapi.yaml (``tests/cp/openapi_check.py``)."""
+        return CheckedClient(self.url, ca_file=self.ca_file, admin_key=self.admin_key if admin else None,
+                             api_key=api_key, client_cert=cert)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -13,15 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-
-class ExecState(enum.StrEnum):
-    PENDING = "PENDING"
-    LEASED = "LEASED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    TIMED_OUT = "TIMED_OUT"
-    CANCELLED = "CANCELLED"
+from nkudo.vmstate import VmStatus
+from nkudo.wire.vocab import ActionType
+from nkudo.wire.vocab import ExecState as ExecState  # defined once in the shared vocabulary (issue 11)
 
 
 class PlanStatus(enum.StrEnum):
@@ -36,6 +30,35 @@ class AgentState(enum.StrEnum):
     ONLINE = "ONLINE"
     OFFLINE = "OFFLINE"
     UNENROLLED = "UNENROLLED"
+
+
+class Connectivity(enum.StrEnum):
+    """A site's connectivity: ONLINE while at least one of its agents is."""
+
+    ONLINE = "ONLINE"
+    OFFLINE = "OFFLINE"
+
+
+class PrincipalKind(enum.StrEnum):
+    ADMIN = "admin"
+    API_KEY = "api_key"
+
+
+class ActorType(enum.StrEnum):
+    """Who an audit event names as its actor."""
+
+    ADMIN = "ADMIN"
+    API_KEY = "API_KEY"
+    AGENT = "AGENT"
+    SYSTEM = "SYSTEM"
+
+
+class ResultDecision(enum.StrEnum):
+    """What becomes of one reported result (the wire's ``ResultOutcome.outcome``)."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
 
 
 TERMINAL = frozenset({ExecState.SUCCEEDED, ExecState.FAILED, ExecState.TIMED_OUT, ExecState.CANCELLED})
@@ -79,7 +102,7 @@ def plan_status(states: Iterable[ExecState]) -> PlanStatus:
     return PlanStatus.IN_PROGRESS
 
 
-def result_transition(current: ExecState, reported: ExecState, holder_matches: bool) -> str:
+def result_transition(current: ExecState, reported: ExecState, holder_matches: bool) -> ResultDecision:
     """Outcome of an agent's result report for one execution.
 
     ``accepted``: apply it. ``duplicate``: the same terminal state was already
@@ -88,28 +111,48 @@ def result_transition(current: ExecState, reported: ExecState, holder_matches: b
     differently.
     """
     if current in TERMINAL:
-        return "duplicate" if current == reported and holder_matches else "rejected"
+        return ResultDecision.DUPLICATE if current == reported and holder_matches else ResultDecision.REJECTED
     if not holder_matches or current not in ACTIVE:
-        return "rejected"
-    return "accepted"
+        return ResultDecision.REJECTED
+    return ResultDecision.ACCEPTED
 
 
-_VM_ON_SUCCESS = {
-    "MicroVMStart": "RUNNING",
-    "MicroVMResume": "RUNNING",
-    "MicroVMStop": "STOPPED",
-    "MicroVMPause": "PAUSED",
-    "MicroVMDelete": "DELETED",
+def rejection_code(decision: ResultDecision, holder_matches: bool) -> str | None:
+    """The code a non-accepted result is answered with: none for a duplicate (it is a success)."""
+    if decision != ResultDecision.REJECTED:
+        return None
+    return "ALREADY_FINISHED" if holder_matches else "LEASE_LOST"
+
+
+def result_error(reported: ExecState, error_code: str | None, message: str | None) -> tuple[str | None, str | None]:
+    """The (error_code, error_message) stored for a reported state: none on success, a default otherwise."""
+    if reported == ExecState.SUCCEEDED:
+        return None, None
+    code = error_code or ("TIMED_OUT" if reported == ExecState.TIMED_OUT else "ACTION_FAILED")
+    return code, message or "action failed"
+
+
+def create_starts_vm(action_type: str, params: dict[str, object]) -> bool:
+    """Whether a successful action leaves its VM running: only ``MicroVMCreate`` with ``start: false`` does not."""
+    return bool(params.get("start", True)) if action_type == ActionType.MICROVM_CREATE else True
+
+
+_VM_ON_SUCCESS: dict[str, VmStatus] = {
+    ActionType.MICROVM_START: VmStatus.RUNNING,
+    ActionType.MICROVM_RESUME: VmStatus.RUNNING,
+    ActionType.MICROVM_STOP: VmStatus.STOPPED,
+    ActionType.MICROVM_PAUSE: VmStatus.PAUSED,
+    ActionType.MICROVM_DELETE: VmStatus.DELETED,
 }
 
 
-def vm_state_after(action_type: str, status: ExecState, start: bool = True) -> str | None:
+def vm_state_after(action_type: str, status: ExecState, start: bool = True) -> VmStatus | None:
     """The VM state an execution result implies (``None``: leave the VM record as it is)."""
-    if action_type == "MicroVMCreate":
+    if action_type == ActionType.MICROVM_CREATE:
         if status == ExecState.SUCCEEDED:
-            return "RUNNING" if start else "STOPPED"
+            return VmStatus.RUNNING if start else VmStatus.STOPPED
         if status in (ExecState.FAILED, ExecState.TIMED_OUT):
-            return "ERROR"
+            return VmStatus.ERROR
         return None
     if status == ExecState.SUCCEEDED:
         return _VM_ON_SUCCESS.get(action_type)
@@ -149,6 +192,48 @@ def authorize_agent(agent: AgentView | None, cn: str, serial: str, now: datetime
     ):
         return None
     return ("CERTIFICATE_REVOKED", "certificate is no longer valid for this agent")
+
+
+def heartbeat_is_quiet(*, state: str, has_work: bool, wants_lease: bool, has_updates: bool, vm_digest: str,
+                       stored_vm_digest: str | None, facts_digest: str | None, stored_facts_digest: str | None,
+                       agent_version: str | None, stored_agent_version: str | None) -> bool:
+    """Whether a heartbeat changes nothing but "last seen" (so it is buffered, not written).
+
+    Quiet means: the agent is ONLINE, there is no work it would lease, no execution update, and the VMs,
+    facts (when sent) and agent version (when sent) are what is stored.
+    """
+    return (
+        state == AgentState.ONLINE and (not has_work or not wants_lease) and not has_updates
+        and vm_digest == stored_vm_digest and (facts_digest is None or facts_digest == stored_facts_digest)
+        and (not agent_version or agent_version == stored_agent_version)
+    )
+
+
+def site_connectivity(any_agent_online: bool) -> Connectivity:
+    return Connectivity.ONLINE if any_agent_online else Connectivity.OFFLINE
+
+
+def revocation_reason(unenroll_reason: str | None) -> str:
+    """The RFC 5280 reason recorded when an agent unenrolls (a compromised key says so)."""
+    return "keyCompromise" if unenroll_reason == "compromised" else "cessationOfOperation"
+
+
+def crl_is_current(cached_revoked: object, revoked: object, now: datetime, refresh_at: datetime) -> bool:
+    """A signed CRL is reused while the revoked set is unchanged and half its validity has not passed."""
+    return cached_revoked == revoked and now < refresh_at
+
+
+def next_crl_number(now: datetime, previous: int | None) -> int:
+    """CRL numbers must increase: milliseconds since the epoch do across restarts and replicas."""
+    return max(int(now.timestamp() * 1000), (previous + 1) if previous is not None else 0)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive), else ``None``."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    return token if scheme.lower() == "bearer" else None
 
 
 def tenant_visible(principal_tenant: str | None, object_tenant: str) -> bool:

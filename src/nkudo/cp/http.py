@@ -9,6 +9,7 @@ CA) is available to identify agents. Every response that is not a success is
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import re
 import time
@@ -19,10 +20,12 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from nkudo.cp import models
+from nkudo.cp import models, views
+from nkudo.cp.domain import ExecState
 from nkudo.cp.errors import BadRequest, NotFound, PayloadTooLarge, Unauthenticated, status_of
 from nkudo.cp.pki import parse_csr, serial_hex
-from nkudo.cp.service import AgentIdentity, ControlPlane, Principal, RequestInfo, iso, now_utc
+from nkudo.cp.records import AgentIdentity, Principal, RequestInfo, stamp
+from nkudo.cp.service import ControlPlane
 from nkudo.errors import NkudoError
 from nkudo.log import get_logger
 from nkudo.wire import codec
@@ -30,6 +33,7 @@ from nkudo.wire import messages as wm
 
 log = get_logger("cp.http")
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.StrEnum)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CP_KEY = web.AppKey("cp", ControlPlane)
@@ -112,7 +116,7 @@ def request_info(request: web.Request) -> RequestInfo:
 
 async def principal(request: web.Request) -> Principal:
     cp = request.app[CP_KEY]
-    return await cp.authenticate(request.headers.get("X-Admin-Key"), request.headers.get("X-API-Key"))
+    return await cp.access.authenticate(request.headers.get("X-Admin-Key"), request.headers.get("X-API-Key"))
 
 
 def agent_identity(request: web.Request) -> AgentIdentity:
@@ -153,11 +157,22 @@ def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -
     return v
 
 
+def query_enum(request: web.Request, name: str, type_: type[E]) -> E | None:
+    """An optional query parameter that must be one of an enum's values (a 400 naming them otherwise)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return type_(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be one of {', '.join(sorted(m.value for m in type_))}", field=name)
+
+
 # --- public -----------------------------------------------------------------
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok", "time": iso(now_utc())})
+    return json_response(views.Health(status="ok", time=stamp(request.app[CP_KEY].clock.now())))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -168,7 +183,7 @@ async def readyz(request: web.Request) -> web.Response:
     """
     cp = request.app[CP_KEY]
     key = request.headers.get("X-Admin-Key")
-    if key is not None and not cp.is_admin_key(key):
+    if key is not None and not cp.access.is_admin_key(key):
         raise Unauthenticated("invalid admin key", code="INVALID_ADMIN_KEY")
     return await _readiness(cp, detailed=key is not None)
 
@@ -179,27 +194,25 @@ async def public_readyz(request: web.Request) -> web.Response:
 
 
 async def _readiness(cp: ControlPlane, *, detailed: bool) -> web.Response:
-    checks = await cp.readiness()
-    ok = all(c["status"] == "healthy" for c in checks.values())
-    body: dict[str, Any] = {"status": "ready" if ok else "not ready"}
-    if detailed:
-        body["checks"] = checks
+    checks = await cp.crl.readiness()
+    ok = all(c.status == "healthy" for c in (checks.database, checks.ca, checks.crl))
+    body = views.Readiness(status="ready" if ok else "not ready", checks=checks if detailed else None)
     return json_response(body, 200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     try:
-        cp.authorize_metrics(request.headers.get("X-Admin-Key"), request.headers.get("Authorization"))
+        cp.access.authorize_metrics(request.headers.get("X-Admin-Key"), request.headers.get("Authorization"))
     except Unauthenticated as exc:
         return error_response(401, exc.code, exc.message, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
-    await cp.refresh_gauges()
+    await cp.connectivity.refresh_gauges()
     return web.Response(body=generate_latest(cp.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def crl(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
-    return web.Response(body=await cp.crl(), content_type="application/x-pem-file",
+    return web.Response(body=await cp.crl.pem(), content_type="application/x-pem-file",
                         headers={"Cache-Control": "max-age=60"})
 
 
@@ -209,29 +222,29 @@ async def crl(request: web.Request) -> web.Response:
 async def create_tenant(request: web.Request) -> web.Response:
     p = await principal(request)
     body = await read_body(request, models.TenantCreate)
-    return json_response(await request.app[CP_KEY].create_tenant(p, body, request_info(request)), 201)
+    return json_response(await request.app[CP_KEY].tenancy.create_tenant(p, body, request_info(request)), 201)
 
 
 async def list_tenants(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].list_tenants(p))
+    return json_response(await request.app[CP_KEY].tenancy.list_tenants(p))
 
 
 async def create_api_key(request: web.Request) -> web.Response:
     p = await principal(request)
     tid = path_id(request, "tenant_id")
     body = await read_body(request, models.ApiKeyCreate)
-    return json_response(await request.app[CP_KEY].create_api_key(p, tid, body, request_info(request)), 201)
+    return json_response(await request.app[CP_KEY].access.create_api_key(p, tid, body, request_info(request)), 201)
 
 
 async def list_api_keys(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].list_api_keys(p, path_id(request, "tenant_id")))
+    return json_response(await request.app[CP_KEY].access.list_api_keys(p, path_id(request, "tenant_id")))
 
 
 async def revoke_api_key(request: web.Request) -> web.Response:
     p = await principal(request)
-    await request.app[CP_KEY].revoke_api_key(p, path_id(request, "tenant_id"), path_id(request, "key_id"),
+    await request.app[CP_KEY].access.revoke_api_key(p, path_id(request, "tenant_id"), path_id(request, "key_id"),
                                              request_info(request))
     return web.Response(status=204)
 
@@ -240,82 +253,77 @@ async def create_site(request: web.Request) -> web.Response:
     p = await principal(request)
     tid = path_id(request, "tenant_id")
     body = await read_body(request, models.SiteCreate)
-    return json_response(await request.app[CP_KEY].create_site(p, tid, body, request_info(request)), 201)
+    return json_response(await request.app[CP_KEY].tenancy.create_site(p, tid, body, request_info(request)), 201)
 
 
 async def list_sites(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].list_sites(p, path_id(request, "tenant_id")))
+    return json_response(await request.app[CP_KEY].tenancy.list_sites(p, path_id(request, "tenant_id")))
 
 
 async def issue_token(request: web.Request) -> web.Response:
     p = await principal(request)
     tid = path_id(request, "tenant_id")
     body = await read_body(request, models.TokenCreate)
-    return json_response(await request.app[CP_KEY].issue_token(p, tid, body, request_info(request)), 201)
+    return json_response(await request.app[CP_KEY].enrollment.issue_token(p, tid, body, request_info(request)), 201)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].list_tokens(p, path_id(request, "tenant_id")))
+    return json_response(await request.app[CP_KEY].enrollment.list_tokens(p, path_id(request, "tenant_id")))
 
 
 async def list_audit(request: web.Request) -> web.Response:
     p = await principal(request)
     limit = query_int(request, "limit", 100, 1, 1000)
-    return json_response(await request.app[CP_KEY].list_audit(p, path_id(request, "tenant_id"), limit))
+    return json_response(await request.app[CP_KEY].audit.list_audit(p, path_id(request, "tenant_id"), limit))
 
 
 async def create_plan(request: web.Request) -> web.Response:
     p = await principal(request)
     sid = path_id(request, "site_id")
     body = await read_body(request, models.PlanCreate)
-    out = await request.app[CP_KEY].create_plan(p, sid, body, request_info(request))
-    return json_response(out, 200 if out["deduplicated"] else 201)
+    out = await request.app[CP_KEY].plans.create_plan(p, sid, body, request_info(request))
+    return json_response(out, 200 if out.deduplicated else 201)
 
 
 async def get_plan(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].get_plan(p, path_id(request, "plan_id")))
+    return json_response(await request.app[CP_KEY].plans.get_plan(p, path_id(request, "plan_id")))
 
 
 async def cancel_plan(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].cancel_plan(p, path_id(request, "plan_id"),
+    return json_response(await request.app[CP_KEY].plans.cancel_plan(p, path_id(request, "plan_id"),
                                                                request_info(request)))
 
 
 async def list_hosts(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].list_hosts(p, path_id(request, "site_id")))
+    return json_response(await request.app[CP_KEY].inventory.list_hosts(p, path_id(request, "site_id")))
 
 
 async def list_vms(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].list_vms(p, path_id(request, "site_id")))
+    return json_response(await request.app[CP_KEY].inventory.list_vms(p, path_id(request, "site_id")))
 
 
 async def list_agents(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].list_agents(p, path_id(request, "site_id")))
-
-
-_EXEC_STATES = {"PENDING", "LEASED", "RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED"}
+    return json_response(await request.app[CP_KEY].inventory.list_agents(p, path_id(request, "site_id")))
 
 
 async def list_executions(request: web.Request) -> web.Response:
     p = await principal(request)
     sid = path_id(request, "site_id")
-    state = request.query.get("state")
-    if state is not None and state not in _EXEC_STATES:
-        raise BadRequest(f"state must be one of {', '.join(sorted(_EXEC_STATES))}", field="state")
+    state = query_enum(request, "state", ExecState)
     limit = query_int(request, "limit", 100, 1, 1000)
-    return json_response(await request.app[CP_KEY].list_executions(p, sid, state, limit))
+    return json_response(await request.app[CP_KEY].executions.list_executions(p, sid, state, limit))
 
 
 async def get_execution(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].get_execution(p, path_id(request, "execution_id")))
+    return json_response(await request.app[CP_KEY].executions.get_execution(p, path_id(request, "execution_id")))
 
 
 async def execution_logs(request: web.Request) -> web.Response:
@@ -323,7 +331,7 @@ async def execution_logs(request: web.Request) -> web.Response:
     eid = path_id(request, "execution_id")
     after = query_int(request, "after_seq", -1, -1, 2**62)
     limit = query_int(request, "limit", 500, 1, 1000)
-    return json_response(await request.app[CP_KEY].execution_logs(p, eid, after, limit))
+    return json_response(await request.app[CP_KEY].executions.execution_logs(p, eid, after, limit))
 
 
 # --- agent (mTLS) ---------------------------------------------------------
@@ -339,7 +347,7 @@ async def enroll(request: web.Request) -> web.Response:
     try:
         req = await read_body(request, wm.EnrollRequest)
         csr = parse_csr(req.csr_pem)  # before the token is looked at: a bad CSR never burns a token
-        return json_response(await request.app[CP_KEY].enroll(req, csr, info))
+        return json_response(await request.app[CP_KEY].enrollment.enroll(req, csr, info))
     except NkudoError as exc:
         log.warn("enrollment refused", source=info.source_ip, reason=exc.code)
         raise
@@ -350,31 +358,31 @@ async def heartbeat(request: web.Request) -> web.Response:
     req = await read_body(request, wm.HeartbeatRequest)
     vm_digest = hashlib.sha256(codec.encode(req.vms)).hexdigest()
     facts_digest = hashlib.sha256(codec.encode(req.host_facts)).hexdigest() if req.host_facts else None
-    return json_response(await request.app[CP_KEY].heartbeat(ident, req, vm_digest, facts_digest))
+    return json_response(await request.app[CP_KEY].heartbeats.heartbeat(ident, req, vm_digest, facts_digest))
 
 
 async def plans_next(request: web.Request) -> web.Response:
     ident = agent_identity(request)
-    return json_response(await request.app[CP_KEY].next_plans(ident))
+    return json_response(await request.app[CP_KEY].heartbeats.next_plans(ident))
 
 
 async def results(request: web.Request) -> web.Response:
     ident = agent_identity(request)
     req = await read_body(request, wm.ResultReport)
-    return json_response(await request.app[CP_KEY].report_results(ident, req, request_info(request)), 202)
+    return json_response(await request.app[CP_KEY].executions.report_results(ident, req, request_info(request)), 202)
 
 
 async def logs(request: web.Request) -> web.Response:
     ident = agent_identity(request)
     req = await read_body(request, wm.LogBatch)
-    return json_response(await request.app[CP_KEY].ingest_logs(ident, req), 202)
+    return json_response(await request.app[CP_KEY].executions.ingest_logs(ident, req), 202)
 
 
 async def unenroll(request: web.Request) -> web.Response:
     ident = agent_identity(request)
     data = await request.read()
     req = codec.decode(data, wm.UnenrollRequest) if data.strip() else wm.UnenrollRequest()
-    await request.app[CP_KEY].unenroll(ident, req, request_info(request))
+    await request.app[CP_KEY].credentials.unenroll(ident, req, request_info(request))
     return web.Response(status=204)
 
 
@@ -382,7 +390,7 @@ async def renew(request: web.Request) -> web.Response:
     ident = agent_identity(request)
     req = await read_body(request, wm.RenewRequest)
     csr = parse_csr(req.csr_pem)
-    return json_response(await request.app[CP_KEY].renew(ident, req, csr, request_info(request)))
+    return json_response(await request.app[CP_KEY].credentials.renew(ident, req, csr, request_info(request)))
 
 
 #: (method, path, handler). The OpenAPI test checks this table against openapi.yaml.
