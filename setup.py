@@ -3,7 +3,7 @@
 Why a setup.py next to pyproject.toml: Cython extensions and cffi builders are
 discovered from the source tree (``nkudo_native/*.pyx``, ``ext/*_build.py``) so
 that adding a native module is one new file, not an edit of a shared list.
-``NKUDO_BUILD_ONLY=kvm,sys`` restricts a development build to some modules.
+``NKUDO_BUILD_ONLY=kvm,syscalls`` restricts a development build to some modules.
 """
 
 from __future__ import annotations

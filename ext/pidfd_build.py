@@ -3,7 +3,7 @@
 Why cffi: every function is a thin syscall shim except ``nk_spawn``, whose
 child half must run between clone and execve without touching Python (or
 malloc, or any lock) at all, which only C can guarantee. Every function returns
-``-errno`` on failure instead of raising, so ``nkudo.proc._sys`` owns the
+``-errno`` on failure instead of raising, so ``nkudo.proc.pidfd_sys`` owns the
 exceptions for both this module and its pure-Python twin.
 
 Why ``clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD)`` rather than clone3: the

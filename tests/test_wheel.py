@@ -19,7 +19,7 @@ def test_wheel_in_fresh_venv(tmp_path: Path) -> None:
     wheel = next(tmp_path.glob("nkudo-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("nkudo_native/kvm.") and n.endswith(".so") for n in names)
-    assert any(n.startswith("nkudo_native/_sys.") and n.endswith(".so") for n in names)
+    assert any(n.startswith("nkudo_native/_syscalls.") and n.endswith(".so") for n in names)
     assert not any(n.endswith((".pyx", ".c")) for n in names)
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("NKUDO_")}

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from nkudo.proc import SpawnError
-from nkudo.proc import _sys as psys
+from nkudo.proc import pidfd_sys as psys
 from tests.conftest import require_native
 from tests.proc.conftest import ENV, native_flag
 

@@ -166,6 +166,7 @@ _HEADER_BLOCK_RE = re.compile(rb"(?:" + _TOKEN_RE + rb":" + _VALUE_RE + rb")*")
 
 
 def _native_parse_fast() -> Callable[[bytes], tuple[int, bytes, bytes, bytes] | None] | None:
+    """The compiled fast path, or None: the twin's ``parse_fast`` would only re-run the Python parser."""
     from nkudo import _native
 
     mod = _native.load("chapi")

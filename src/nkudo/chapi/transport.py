@@ -100,24 +100,19 @@ def roundtrip_py(path: bytes, request: bytes, fds: Sequence[int], timeout: float
         sock.close()
 
 
-def native_roundtrip() -> Roundtrip | None:
-    """The compiled roundtrip, or None when the twin must be used (see ``nkudo._native``)."""
-    mod = _native.load("chapi")
-    return None if mod is None else mod.roundtrip
-
-
 def resolve(transport: str | None) -> tuple[str, Roundtrip]:
-    """Pick a transport: ``"native"``, ``"python"`` or None (native when available)."""
-    if transport in (None, "auto"):
-        fn = native_roundtrip()
-        return ("native", fn) if fn is not None else ("python", roundtrip_py)
-    if transport == "native":
-        fn = native_roundtrip()
-        if fn is None:
-            raise ChTransportError(f"native CH API transport unavailable: {_native.reason('chapi')}")
-        return "native", fn
-    if transport == "python":
-        return "python", roundtrip_py
+    """Pick a transport: ``"native"``, ``"python"`` or None (native when available).
+
+    The choice is ``nkudo._native``'s (the twin's ``roundtrip`` is :func:`roundtrip_py`).
+    """
+    if transport in (None, "auto", "native", "python"):
+        want = {"native": True, "python": False}.get(transport or "auto")
+        try:
+            b = _native.binding("chapi", want)
+        except _native.NativeUnavailable as exc:
+            raise ChTransportError(f"native CH API transport unavailable: {exc.reason}") from None
+        fn: Roundtrip = b.module.roundtrip
+        return ("native" if b.native else "python"), fn
     raise ValueError(f"transport must be 'native', 'python' or None (got {transport!r})")
 
 

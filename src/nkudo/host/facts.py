@@ -6,7 +6,7 @@ import os
 import socket
 
 from nkudo import __version__
-from nkudo.host import checks
+from nkudo.host import probes
 from nkudo.host.kvm import probe_kvm
 
 TYPE_CHECKING = False
@@ -83,7 +83,7 @@ def interfaces() -> list[dict[str, Any]]:
 def _disk(path: str) -> dict[str, Any]:
     import psutil
 
-    base = checks.nearest_existing(path)
+    base = probes.nearest_existing(path)
     try:
         du = psutil.disk_usage(base)
     except OSError as exc:
@@ -102,7 +102,7 @@ def collect(*, state_dir: str, runtime_dir: str, kvm_device: str = "/dev/kvm") -
 
     u = os.uname()
     vm = psutil.virtual_memory()
-    flags = checks.cpu_flags()
+    flags = probes.cpu_flags()
     kvm = probe_kvm(kvm_device, create_vm=False)
     ifs = interfaces()
     return {
@@ -129,6 +129,6 @@ def collect(*, state_dir: str, runtime_dir: str, kvm_device: str = "/dev/kvm") -
         },
         "interfaces": ifs,
         "bridges": [i["name"] for i in ifs if i["is_bridge"]],
-        "cgroup": checks.cgroup_info(),
+        "cgroup": probes.cgroup_info(),
         "agent_version": __version__,
     }

@@ -1,4 +1,4 @@
-"""KVM preflight probe of ``/dev/kvm`` (native ``nkudo_native.kvm`` with a Python twin).
+"""KVM preflight probe of ``/dev/kvm`` (native ``nkudo_native.kvm`` or its twin, via ``nkudo._native``).
 
 The raw probe returns numbers only; :func:`probe_kvm` turns them into a report
 with the operator-facing diagnosis, so both implementations share every
@@ -102,13 +102,8 @@ def _probe_py(path: str | bytes, caps: list[int] | tuple[int, ...], create_vm: b
 def raw_probe(
     path: str, caps: list[int] | tuple[int, ...], create_vm: bool, *, native: bool | None = None
 ) -> RawProbe:
-    """Run the probe with the native module when loaded (or as forced by ``native``)."""
-    mod = _native.load("kvm") if native is not False else None
-    if native is True and mod is None:
-        raise RuntimeError(f"native kvm module unavailable: {_native.reason('kvm')}")
-    if mod is not None:
-        return mod.probe(path, caps, create_vm)  # type: ignore[no-any-return]
-    return _probe_py(path, caps, create_vm)
+    """Run the probe natively when loaded (``native`` as in :func:`nkudo._native.binding`)."""
+    return _native.binding("kvm", native).module.probe(path, caps, create_vm)  # type: ignore[no-any-return]
 
 
 def machine_arch() -> str:
@@ -341,13 +336,8 @@ def _smoke_py(path: str | bytes) -> SmokeRaw:
 
 
 def raw_smoke(path: str, *, native: bool | None = None) -> SmokeRaw:
-    """Run the smoke test with the native module when loaded (or as forced by ``native``)."""
-    mod = _native.load("kvm") if native is not False else None
-    if native is True and mod is None:
-        raise RuntimeError(f"native kvm module unavailable: {_native.reason('kvm')}")
-    if mod is not None:
-        return mod.smoke(path)  # type: ignore[no-any-return]
-    return _smoke_py(path)
+    """Run the smoke test natively when loaded (``native`` as in :func:`nkudo._native.binding`)."""
+    return _native.binding("kvm", native).module.smoke(path)  # type: ignore[no-any-return]
 
 
 class SmokeReport:

@@ -513,18 +513,14 @@ def open_backend(kind: str = "auto") -> HostNet:
         kind = "native" if _native.load("netlink") is not None else "twin"
     driver: Driver
     try:
-        if kind == "native":
-            mod = _native.load("netlink")
-            if mod is None:
+        if kind in ("native", "twin"):
+            try:
+                b = _native.binding("netlink", kind == "native")
+            except _native.NativeUnavailable as exc:
                 raise NetError(
-                    f"native netlink module unavailable: {_native.reason('netlink')}",
-                    code="NET_BACKEND_UNAVAILABLE",
-                )
-            driver = mod.NetlinkSocket()
-        elif kind == "twin":
-            from nkudo.net import _nlpy
-
-            driver = _nlpy.NetlinkSocket()
+                    f"native netlink module unavailable: {exc.reason}", code="NET_BACKEND_UNAVAILABLE"
+                ) from None
+            driver = b.module.NetlinkSocket()
         elif kind == "pyroute2":
             from nkudo.net._pyroute2 import Pyroute2Driver
 

@@ -12,17 +12,8 @@ from __future__ import annotations
 
 from nkudo.proc.errors import AdoptionRefused, ProcessError, ProcessGone, SpawnError, StopTimeout
 from nkudo.proc.identity import ProcessIdentity, boot_id, check_identity
-from nkudo.proc.process import (
-    FALLBACK_POLL_INTERVAL,
-    ExitStatus,
-    PidfdSupport,
-    ProcessHandle,
-    StopResult,
-    adopt,
-    identify,
-    pidfd_support,
-    spawn,
-)
+from nkudo.proc.process import ProcessHandle, adopt, identify, spawn
+from nkudo.proc.status import FALLBACK_POLL_INTERVAL, ExitStatus, PidfdSupport, StopResult, pidfd_support
 from nkudo.proc.supervisor import Supervisor
 
 __all__ = [

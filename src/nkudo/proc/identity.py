@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from nkudo.errors import ValidationError
-from nkudo.proc import _sys
+from nkudo.proc import pidfd_sys
 from nkudo.proc.errors import AdoptionRefused, ProcessError
 
 _DELETED = " (deleted)"
@@ -105,7 +105,7 @@ def _exe_of(pid: int) -> str | None:
 def read_identity(pid: int, *, marker: str | None = None, native: bool | None = None) -> ProcessIdentity:
     """Identity of the live process ``pid`` now (``AdoptionRefused(gone)`` if there is none)."""
     try:
-        start = _sys.proc_start_time(pid, native=native)
+        start = pidfd_sys.proc_start_time(pid, native=native)
     except FileNotFoundError:
         raise AdoptionRefused(f"no process with pid {pid}", reason="gone")
     exe = _exe_of(pid)
@@ -126,7 +126,7 @@ def check_identity(expected: ProcessIdentity, *, native: bool | None = None) -> 
     if expected.boot_id != boot_id():
         raise AdoptionRefused(f"pid {pid} was recorded in another boot", reason="boot")
     try:
-        start = _sys.proc_start_time(pid, native=native)
+        start = pidfd_sys.proc_start_time(pid, native=native)
     except FileNotFoundError:
         raise AdoptionRefused(f"pid {pid} has exited", reason="gone")
     except OSError as exc:

@@ -29,132 +29,22 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Literal
 
 from nkudo.log import get_logger
-from nkudo.proc import _sys
+from nkudo.proc import pidfd_sys
 from nkudo.proc.errors import AdoptionRefused, ProcessError, ProcessGone, SpawnError, StopTimeout
 from nkudo.proc.identity import ProcessIdentity, boot_id, check_identity, read_identity
+from nkudo.proc.status import FALLBACK_POLL_INTERVAL as FALLBACK_POLL_INTERVAL
+from nkudo.proc.status import REAPED_ELSEWHERE, UNKNOWN_NOT_CHILD, signal_name
+from nkudo.proc.status import ExitStatus as ExitStatus
+from nkudo.proc.status import PidfdSupport as PidfdSupport
+from nkudo.proc.status import StopResult as StopResult
+from nkudo.proc.status import pidfd_support as pidfd_support
 
 log = get_logger("proc")
 
-FALLBACK_POLL_INTERVAL = 0.1
-"""Seconds between liveness checks when no pidfd is available."""
-
 DEFAULT_TERM_TIMEOUT = 10.0
 DEFAULT_KILL_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    """How a process ended.
-
-    ``kind`` is ``"exited"`` (``code`` set), ``"killed"`` (``signal`` set,
-    ``core_dumped``) or ``"unknown"`` (not our child: the status went to its
-    real parent; ``reason`` says so).
-    """
-
-    kind: Literal["exited", "killed", "unknown"]
-    code: int | None = None
-    signal: int | None = None
-    core_dumped: bool = False
-    reason: str = ""
-
-    @property
-    def known(self) -> bool:
-        return self.kind != "unknown"
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "kind": self.kind,
-            "code": self.code,
-            "signal": self.signal,
-            "core_dumped": self.core_dumped,
-            "reason": self.reason,
-        }
-
-    def __str__(self) -> str:
-        if self.kind == "exited":
-            return f"exited with code {self.code}"
-        if self.kind == "killed":
-            name = _signame(self.signal or 0)
-            return f"killed by {name}" + (" (core dumped)" if self.core_dumped else "")
-        return f"exited, status unknown ({self.reason})"
-
-    @classmethod
-    def from_wait(cls, res: _sys.WaitResult) -> ExitStatus:
-        if res.code == _sys.CLD_EXITED:
-            return cls("exited", code=res.status)
-        return cls("killed", signal=res.status, core_dumped=res.code == _sys.CLD_DUMPED)
-
-    @classmethod
-    def from_waitstatus(cls, status: int) -> ExitStatus:
-        if os.WIFEXITED(status):
-            return cls("exited", code=os.WEXITSTATUS(status))
-        return cls("killed", signal=os.WTERMSIG(status), core_dumped=os.WCOREDUMP(status))
-
-
-UNKNOWN_NOT_CHILD = "not our child; its parent collected the status"
-REAPED_ELSEWHERE = "our child, but reaped by other code in this process"
-
-
-@dataclass(frozen=True)
-class StopResult:
-    """Outcome of a graceful stop: ``escalated`` is True when SIGKILL was needed."""
-
-    status: ExitStatus
-    escalated: bool
-    signals: tuple[int, ...]
-    elapsed: float
-
-
-@dataclass(frozen=True)
-class PidfdSupport:
-    available: bool
-    reason: str
-
-
-def _signame(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-@lru_cache(maxsize=1)
-def pidfd_support() -> PidfdSupport:
-    """Probe once whether pidfd_open and waitid(P_PIDFD) work here (and log the fallback if not).
-
-    ``NKUDO_PIDFD=0`` forces the fallback, for hosts whose seccomp profile
-    kills rather than refuses unknown syscalls, and for testing the fallback.
-    """
-    if os.environ.get("NKUDO_PIDFD", "1").strip().lower() in {"0", "false", "no", "off"}:
-        support = PidfdSupport(False, "disabled by NKUDO_PIDFD=0")
-    else:
-        try:
-            fd = os.pidfd_open(os.getpid())
-        except (OSError, AttributeError) as exc:
-            support = PidfdSupport(False, f"pidfd_open unavailable ({exc}); needs Linux >= 5.3")
-        else:
-            try:
-                os.waitid(_sys.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
-                support = PidfdSupport(True, "pidfd")
-            except ChildProcessError:
-                support = PidfdSupport(True, "pidfd")
-            except OSError as exc:
-                support = PidfdSupport(False, f"waitid(P_PIDFD) unavailable ({exc}); needs Linux >= 5.4")
-            finally:
-                os.close(fd)
-    if not support.available:
-        log.warn(
-            "pidfd unavailable: falling back to pid-based process control",
-            reason=support.reason,
-            consequence=f"signals are sent by pid after an identity check (small pid-reuse race); "
-            f"exits are detected by polling every {FALLBACK_POLL_INTERVAL}s",
-        )
-    return support
 
 
 def _readable(fd: int) -> bool:
@@ -247,7 +137,7 @@ class ProcessHandle:
             if not _readable(fd):
                 return None
             try:
-                res = _sys.waitid_pidfd(fd, os.WEXITED | os.WNOHANG, native=self._native)
+                res = pidfd_sys.waitid_pidfd(fd, os.WEXITED | os.WNOHANG, native=self._native)
             except ChildProcessError:
                 # Our own child can only be missing if other code reaped it (waitpid(-1) somewhere).
                 status = ExitStatus(
@@ -355,7 +245,7 @@ class ProcessHandle:
             if self._closed:
                 raise ProcessError(f"handle of pid {self.pid} is closed")
             try:
-                _sys.pidfd_send_signal(self._pidfd, sig, native=self._native)
+                pidfd_sys.pidfd_send_signal(self._pidfd, sig, native=self._native)
             except ProcessLookupError:
                 raise ProcessGone(f"pid {self.pid} has exited")
             return
@@ -404,7 +294,7 @@ class ProcessHandle:
             log.warn(
                 "process ignored the stop signal; sending SIGKILL",
                 pid=self.pid,
-                signal=_signame(term_signal),
+                signal=signal_name(term_signal),
                 waited_s=term_timeout,
             )
             self._signal_quietly(signal.SIGKILL, sent)
@@ -436,7 +326,7 @@ class ProcessHandle:
             log.warn(
                 "process ignored the stop signal; sending SIGKILL",
                 pid=self.pid,
-                signal=_signame(term_signal),
+                signal=signal_name(term_signal),
                 waited_s=term_timeout,
             )
             self._signal_quietly(signal.SIGKILL, sent)
@@ -535,7 +425,7 @@ def spawn(
                 f"cannot open log file {log_file}: {exc.strerror}", errno=exc.errno or 0, stage="prepare"
             )
         try:
-            pid, pidfd = _sys.spawn(
+            pid, pidfd = pidfd_sys.spawn(
                 path, argv, env, stdin_fd, log_fd, log_fd, want_pidfd=support.available, native=native
             )
         finally:
@@ -544,7 +434,7 @@ def spawn(
         os.close(stdin_fd)
     # Exec has happened (both paths return only after it), so /proc shows the new program;
     # a child that already exited is a zombie whose stat (start time) is still readable.
-    start = _sys.proc_start_time(pid, native=native)
+    start = pidfd_sys.proc_start_time(pid, native=native)
     try:
         exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
     except OSError:
@@ -556,7 +446,7 @@ def spawn(
         exe=exe,
         log_file=log_file,
         pidfd=pidfd is not None,
-        native=_sys.is_native(native) and pidfd is not None,
+        native=pidfd_sys.is_native(native) and pidfd is not None,
     )
     return ProcessHandle(ident, pidfd, is_child=True, native=native, log_path=log_file)
 
@@ -574,7 +464,7 @@ def adopt(identity: ProcessIdentity, *, native: bool | None = None) -> ProcessHa
     pidfd: int | None = None
     if support.available:
         try:
-            pidfd = _sys.above_stdio(_sys.pidfd_open(identity.pid, native=native))
+            pidfd = pidfd_sys.above_stdio(pidfd_sys.pidfd_open(identity.pid, native=native))
         except ProcessLookupError:
             raise AdoptionRefused(f"pid {identity.pid} exited during adoption", reason="gone")
         try:

@@ -26,7 +26,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from nkudo.log import get_logger
-from nkudo.proc.process import FALLBACK_POLL_INTERVAL, ExitStatus, ProcessHandle
+from nkudo.proc.process import ProcessHandle
+from nkudo.proc.status import FALLBACK_POLL_INTERVAL, ExitStatus
 
 log = get_logger("proc.supervisor")
 

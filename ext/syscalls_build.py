@@ -1,9 +1,10 @@
-"""cffi builder for ``nkudo_native._sys``: raw syscalls the stdlib lacks or hides.
+"""cffi builder for ``nkudo_native._syscalls``: raw syscalls the stdlib lacks or hides.
 
 Why cffi here rather than Cython: these are one-line syscall shims, and API-mode
 cffi gives a typed C boundary with no Python glue to maintain. Every function
 returns ``-errno`` on failure instead of raising, so the Python layer
-(``nkudo.host.syscalls``) owns the errors, exactly as for its twin.
+(``nkudo.host.syscalls``) owns the errors, exactly as for its twin
+(``nkudo.host._syscalls_twin``).
 """
 
 from cffi import FFI
@@ -19,7 +20,7 @@ ffibuilder.cdef(
 )
 
 ffibuilder.set_source(
-    "nkudo_native._sys",
+    "nkudo_native._syscalls",
     r"""
     #include <errno.h>
     #include <stdint.h>

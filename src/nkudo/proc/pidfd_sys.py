@@ -1,4 +1,4 @@
-"""Thin syscall layer of process control: native ``nkudo_native._pidfd`` or its pure-Python twin.
+"""Thin pidfd syscall layer of process control: ``nkudo_native._pidfd`` or its twin, via ``nkudo._native``.
 
 Why a layer of its own: both implementations must give the same results and
 raise the same exceptions, so every caller (and the equivalence tests) goes
@@ -7,17 +7,16 @@ turns that into the ``OSError`` subclass the stdlib twin raises
 (``ProcessLookupError`` for ESRCH, ``ChildProcessError`` for ECHILD, ...).
 
 ``native=None`` means "native if loaded" (``NKUDO_NATIVE=0`` forces the twin),
-``True`` requires the native module, ``False`` forces the twin.
+``True`` requires the native module (:class:`nkudo._native.NativeUnavailable`
+otherwise), ``False`` forces the twin (:mod:`nkudo.proc._pidfd_twin`).
 """
 
 from __future__ import annotations
 
-import errno as _errno
 import fcntl
 import os
-import signal
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from nkudo import _native
 from nkudo.proc.errors import SpawnError
@@ -40,15 +39,6 @@ class WaitResult(NamedTuple):
     status: int
 
 
-def _mod(native: bool | None) -> Any:
-    if native is False:
-        return None
-    mod = _native.load("pidfd")
-    if mod is None and native is True:
-        raise RuntimeError(f"native module 'pidfd' not loaded: {_native.reason('pidfd')}")
-    return mod
-
-
 def _raise(neg_errno: int, filename: str | None = None) -> None:
     err = -neg_errno
     if filename is None:
@@ -58,15 +48,15 @@ def _raise(neg_errno: int, filename: str | None = None) -> None:
 
 def is_native(native: bool | None = None) -> bool:
     """Whether calls with this ``native`` preference go to the compiled module."""
-    return _mod(native) is not None
+    return _native.binding("pidfd", native).native
 
 
 def pidfd_open(pid: int, flags: int = 0, *, native: bool | None = None) -> int:
     """A close-on-exec pidfd for ``pid`` (caller closes it)."""
-    mod = _mod(native)
-    if mod is None:
-        return os.pidfd_open(pid, flags)
-    r = int(mod.lib.nk_pidfd_open(pid, flags))
+    b = _native.binding("pidfd", native)
+    if not b.native:
+        return int(b.lib.nk_pidfd_open(pid, flags))
+    r = int(b.lib.nk_pidfd_open(pid, flags))
     if r < 0:
         _raise(r)
     return r
@@ -74,11 +64,11 @@ def pidfd_open(pid: int, flags: int = 0, *, native: bool | None = None) -> int:
 
 def pidfd_send_signal(pidfd: int, sig: int, flags: int = 0, *, native: bool | None = None) -> None:
     """Signal the process behind ``pidfd``; ``ProcessLookupError`` once it has exited."""
-    mod = _mod(native)
-    if mod is None:
-        signal.pidfd_send_signal(pidfd, sig, None, flags)
+    b = _native.binding("pidfd", native)
+    if not b.native:
+        b.lib.nk_pidfd_send_signal(pidfd, sig, flags)
         return
-    r = int(mod.lib.nk_pidfd_send_signal(pidfd, sig, flags))
+    r = int(b.lib.nk_pidfd_send_signal(pidfd, sig, flags))
     if r < 0:
         _raise(r)
 
@@ -89,30 +79,17 @@ def waitid_pidfd(pidfd: int, options: int, *, native: bool | None = None) -> Wai
     ``ChildProcessError`` (ECHILD) when the process is not our child: its
     status cannot be known.
     """
-    mod = _mod(native)
-    if mod is None:
-        res = os.waitid(P_PIDFD, pidfd, options)
-        if res is None or res.si_pid == 0:
-            return None
-        return WaitResult(res.si_pid, res.si_code, res.si_status)
-    out = mod.ffi.new("int[3]")
-    r = int(mod.lib.nk_waitid_pidfd(pidfd, options, out, out + 1, out + 2))
+    b = _native.binding("pidfd", native)
+    if not b.native:
+        got = b.lib.nk_waitid_pidfd(pidfd, options)
+        return None if got is None else WaitResult(*got)
+    out = b.module.ffi.new("int[3]")
+    r = int(b.lib.nk_waitid_pidfd(pidfd, options, out, out + 1, out + 2))
     if r < 0:
         _raise(r)
     if out[0] == 0:
         return None
     return WaitResult(int(out[0]), int(out[1]), int(out[2]))
-
-
-def _parse_start_time(data: bytes) -> int | None:
-    _head, sep, tail = data.rpartition(b")")
-    if not sep:
-        return None
-    fields = tail.split()
-    # tail starts at field 3 (state); field 22 is starttime.
-    if len(fields) < 20 or not fields[19].isdigit():
-        return None
-    return int(fields[19])
 
 
 def proc_start_time(pid: int, *, native: bool | None = None) -> int:
@@ -121,22 +98,12 @@ def proc_start_time(pid: int, *, native: bool | None = None) -> int:
     ``FileNotFoundError`` when no such process; ``OSError(EPROTO)`` if the file
     cannot be parsed.
     """
+    b = _native.binding("pidfd", native)
+    if not b.native:
+        return int(b.lib.nk_proc_start_time(pid))
     path = f"/proc/{pid}/stat"
-    mod = _mod(native)
-    if mod is None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, path) from None
-        finally:
-            os.close(fd)
-        value = _parse_start_time(data)
-        if value is None:
-            raise OSError(_errno.EPROTO, os.strerror(_errno.EPROTO), path)
-        return value
-    out = mod.ffi.new("unsigned long long *")
-    r = int(mod.lib.nk_proc_start_time(pid, out))
+    out = b.module.ffi.new("unsigned long long *")
+    r = int(b.lib.nk_proc_start_time(pid, out))
     if r < 0:
         _raise(r, path)
     return int(out[0])
@@ -153,46 +120,6 @@ def _check_args(path: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
     for k in env:
         if not k or "=" in k:
             raise ValueError(f"illegal environment variable name {k!r}")
-
-
-def _spawn_twin(
-    path: str, argv: Sequence[str], env: Mapping[str, str], stdin_fd: int, out_fd: int, err_fd: int
-) -> int:
-    """posix_spawn with the same child set-up as the native clone3 path.
-
-    posix_spawn has no close-all action, so every *inheritable* fd >= 3 is closed
-    explicitly; non-inheritable ones (the Python default, PEP 446) close at exec.
-    """
-    actions: list[tuple[int, ...]] = [
-        (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
-        (os.POSIX_SPAWN_DUP2, out_fd, 1),
-        (os.POSIX_SPAWN_DUP2, err_fd, 2),
-    ]
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd < 3:
-            continue
-        try:
-            if os.get_inheritable(fd):
-                actions.append((os.POSIX_SPAWN_CLOSE, fd))
-        except OSError:
-            continue  # the listdir descriptor itself, already closed
-    sigdef = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
-    try:
-        return os.posix_spawn(
-            path,
-            list(argv),
-            dict(env),
-            file_actions=actions,
-            setsid=True,
-            setsigmask=(),
-            setsigdef=sigdef,
-        )
-    except OSError as exc:
-        err = exc.errno or _errno.EIO
-        raise SpawnError(
-            f"cannot execute {path} (exec): {os.strerror(err)}", errno=err, stage="exec"
-        ) from None
 
 
 def spawn(
@@ -216,19 +143,19 @@ def spawn(
     _check_args(path, argv, env)
     if min(stdin_fd, out_fd, err_fd) < 3:
         raise ValueError("stdio descriptors must be >= 3")
-    mod = _mod(native) if want_pidfd else None
-    if mod is None:
-        pid = _spawn_twin(path, argv, env, stdin_fd, out_fd, err_fd)
+    b = _native.binding("pidfd", native if want_pidfd else False)
+    if not b.native:
+        pid = int(b.lib.nk_spawn(path, argv, env, stdin_fd, out_fd, err_fd))
         if not want_pidfd:
             return pid, None
         return pid, above_stdio(os.pidfd_open(pid))
-    ffi = mod.ffi
+    ffi = b.module.ffi
     keep = [ffi.new("char[]", os.fsencode(a)) for a in argv]
     c_argv = ffi.new("char *[]", [*keep, ffi.NULL])
     keep_env = [ffi.new("char[]", os.fsencode(f"{k}={v}")) for k, v in env.items()]
     c_envp = ffi.new("char *[]", [*keep_env, ffi.NULL])
     out = ffi.new("int[2]")
-    r = int(mod.lib.nk_spawn(os.fsencode(path), c_argv, c_envp, stdin_fd, out_fd, err_fd, out, out + 1))
+    r = int(b.lib.nk_spawn(os.fsencode(path), c_argv, c_envp, stdin_fd, out_fd, err_fd, out, out + 1))
     if r < 0:
         err = -r
         stage = _STAGES.get(int(out[1]), "exec")
