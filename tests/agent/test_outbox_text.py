@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 
-from nkudo.agent.daemon import LOGS_KIND, RESULT_KIND, outbox_messages
+from nkudo.agent.daemon import outbox_messages
 from nkudo.agent.executor import Outcome
 from nkudo.agent.hostcmd import CommandFailed, normalise_allowlist, run_command
 from nkudo.agent.plan import parse_action
+from nkudo.agent.state import OutboxKind
 from nkudo.wire import messages as wm
 from nkudo.wire.codec import decode, storable_text
+from nkudo.wire.vocab import ResultStatus
 
 SH = normalise_allowlist(["/bin/sh"])
 EXEC_ID = "0b8f6a52-6f0e-4c36-9d3f-5b1d2f0c9a11"
@@ -26,15 +28,15 @@ def test_command_output_with_nul_and_bad_bytes_reaches_the_control_plane() -> No
         failure = exc
     action = parse_action({"action_id": "cmd", "type": "CommandExecute", "execution_id": EXEC_ID,
                            "params": {"command": "/bin/sh", "args": ["-c", "x"]}})
-    out = Outcome(action, "FAILED")
+    out = Outcome(action, ResultStatus.FAILED)
     out.error_code, out.error_message = failure.code, f"{failure.message}: {failure.result['stdout']}"
     out.logs = [{"message": "command output", "level": "INFO", "ts": time.time(),
                  "fields": {"stdout": failure.result["stdout"]}}]
     out.result = failure.result
     out.started_at = out.ended_at = time.time()
-    msgs = {kind: payload for kind, _, payload in outbox_messages(out)}
-    batch = decode(msgs[LOGS_KIND].encode(), wm.LogBatch)  # the control plane's own decoding
-    result = decode(msgs[RESULT_KIND].encode(), wm.ActionResult)
+    msgs = {entry.kind: entry.payload for entry in outbox_messages(out)}
+    batch = decode(msgs[OutboxKind.LOGS].encode(), wm.LogBatch)  # the control plane's own decoding
+    result = decode(msgs[OutboxKind.RESULT].encode(), wm.ActionResult)
     text = " ".join(line.message for line in batch.lines)
     assert "a\ufffdb" in text and "\x00" not in text
     assert result.message.endswith("a\ufffdb\ufffdc") or "a\ufffdb" in result.message

@@ -16,12 +16,16 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nkudo import __version__
 from nkudo.errors import NkudoError, ValidationError
 from nkudo.wire import messages as wm
 from nkudo.wire.codec import WireError, decode, encode
+from nkudo.wire.vocab import IDENTITY_GONE, ErrorCode
+
+if TYPE_CHECKING:
+    from nkudo.agent.identity import Identity, Pki
 
 T = TypeVar("T")
 
@@ -33,15 +37,18 @@ class CpError(NkudoError):
         super().__init__(message, code=code)
         self.status = status
 
+    @property
+    def identity_gone(self) -> bool:
+        """The control plane no longer accepts this agent's identity (unenrolled, revoked, unknown)."""
+        return self.code in IDENTITY_GONE
+
 
 class CpUnreachable(NkudoError):
     """No answer from the control plane (DNS, TCP, TLS or timeout)."""
 
-    code = "CP_UNREACHABLE"
+    code = ErrorCode.CP_UNREACHABLE
 
 
-#: Answers that mean this agent's identity is no longer usable: stop, do not retry.
-IDENTITY_GONE = frozenset({"UNKNOWN_AGENT", "AGENT_UNENROLLED", "CERTIFICATE_REVOKED"})
 
 
 def parse_base_url(url: str) -> tuple[str, int, str]:
@@ -126,7 +133,7 @@ class CpClient:
                     raise CpUnreachable(
                         f"the control plane's certificate at {self.base_url} is not trusted ({exc.verify_message}); "
                         "pass --ca-file with its CA certificate",
-                        code="CP_TLS_UNTRUSTED",
+                        code=ErrorCode.CP_TLS_UNTRUSTED,
                     ) from None
                 except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                     # A kept-alive connection the server closed: retry once on a fresh one.
@@ -160,7 +167,7 @@ class CpClient:
         except WireError as exc:
             raise CpError(
                 f"unexpected answer from the control plane to {path}: {exc.message}",
-                code="CP_BAD_RESPONSE",
+                code=ErrorCode.CP_BAD_RESPONSE,
                 status=status,
             ) from None
 
@@ -216,3 +223,14 @@ def backoff_delay(failures: int, base: float, cap: float, rand: float) -> float:
 def jittered(interval: float, rand: float) -> float:
     """``interval`` ±10 %."""
     return interval * (0.9 + 0.2 * rand)
+
+
+def client_for(ident: Identity, pki: Pki) -> CpClient:
+    """The client of an enrolled agent: its control plane, trusted CA and certificate from ``pki``."""
+    return CpClient(
+        ident.control_plane,
+        ca_file=pki.ca,
+        cert_file=pki.cert,
+        key_file=pki.key,
+        insecure_skip_verify=ident.insecure_skip_verify,
+    )

@@ -22,23 +22,25 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from nkudo import __version__, log
 from nkudo.agent import renewal
-from nkudo.agent.cpclient import IDENTITY_GONE, CpClient, CpError, CpUnreachable, backoff_delay, jittered
-from nkudo.agent.executor import Outcome
+from nkudo.agent.cpclient import CpClient, CpError, CpUnreachable, backoff_delay, jittered
+from nkudo.agent.executor import Executor, Outcome
 from nkudo.agent.identity import Identity, Pki, load_cert_info, load_identity, save_identity
 from nkudo.agent.plan import Action, parse_action
 from nkudo.agent.runtime import Agent
+from nkudo.agent.state import OutboxEntry, OutboxKind, QueuedReport
 from nkudo.errors import NkudoError
 from nkudo.wire import messages as wm
-from nkudo.wire.codec import encode, storable_text
+from nkudo.wire.codec import WireError, decode, encode, storable_text
+from nkudo.wire.vocab import ErrorCode, LogLevel, ResultStatus, reported_status
 
 _log = log.get_logger("daemon")
+_T = TypeVar("_T")
 HEARTBEAT_META = "heartbeat"
 FACTS_EVERY = 40  # heartbeats between host-facts refreshes (~10 min at 15 s)
-RESULT_KIND, LOGS_KIND = "result", "logs"
 
 
 class IdentityRejected(NkudoError):
@@ -71,9 +73,9 @@ def _iso(ts: float | None) -> dt.datetime | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
-def outbox_messages(out: Outcome) -> list[tuple[str, str, str]]:
+def outbox_messages(out: Outcome) -> list[OutboxEntry]:
     """Reports for one outcome: its log batch, then its result (only for control-plane executions)."""
-    if not out.execution_id or out.status == "NOT_RUN":
+    if not out.execution_id or not out.status.ran:
         return []
     lines = [
         wm.LogLine(
@@ -85,24 +87,40 @@ def outbox_messages(out: Outcome) -> list[tuple[str, str, str]]:
         summary = json.dumps(out.result, sort_keys=True, default=str)
         lines.append(
             wm.LogLine(
-                seq=len(lines), message=storable_text(f"result: {summary}")[:8000], level="INFO", ts=_iso(out.ended_at)
+                seq=len(lines), message=storable_text(f"result: {summary}")[:8000], level=LogLevel.INFO, ts=_iso(out.ended_at)
             )
         )
-    msgs: list[tuple[str, str, str]] = []
+    msgs: list[OutboxEntry] = []
     if lines:
         batch = wm.LogBatch(execution_id=out.execution_id, lines=lines)
-        msgs.append((LOGS_KIND, out.execution_id, encode(batch).decode()))
+        msgs.append(OutboxEntry(OutboxKind.LOGS, out.execution_id, encode(batch).decode()))
     res = wm.ActionResult(
         execution_id=out.execution_id,
-        status=out.status,  # type: ignore[arg-type]
+        status=reported_status(out.status),
         action_id=(out.label or out.action_id)[:128],
         error_code=out.error_code if out.error_code and out.error_code.replace("_", "").isalnum() else None,
         message=storable_text(out.error_message or "")[:8000],
         started_at=_iso(out.started_at),
         finished_at=_iso(out.ended_at),
     )
-    msgs.append((RESULT_KIND, out.execution_id, encode(res).decode()))
+    msgs.append(OutboxEntry(OutboxKind.RESULT, out.execution_id, encode(res).decode()))
     return msgs
+
+
+class _Unreadable(NkudoError):
+    """A queued report whose payload does not decode as its kind's wire message."""
+
+    def __init__(self, report: QueuedReport, why: str) -> None:
+        super().__init__(why, code=ErrorCode.INVALID_ARGUMENT)
+        self.report = report
+
+
+def _stored(q: QueuedReport, type_: type[_T]) -> _T:
+    """The wire message a queued report holds (queued by ``outbox_messages``, so it decodes)."""
+    try:
+        return decode(q.payload, type_)
+    except WireError as exc:
+        raise _Unreadable(q, exc.message) from None
 
 
 def _line_text(line: dict[str, Any]) -> str:
@@ -111,8 +129,11 @@ def _line_text(line: dict[str, Any]) -> str:
     return f"{line.get('message', '')} {extra}".strip()
 
 
-def _level(v: Any) -> Any:
-    return v if v in ("DEBUG", "INFO", "WARN", "ERROR") else "INFO"
+def _level(v: Any) -> LogLevel:
+    return LogLevel(v) if v in _LEVELS else LogLevel.INFO
+
+
+_LEVELS = frozenset(LogLevel)
 
 
 class Daemon:
@@ -151,8 +172,9 @@ class Daemon:
         self._creds = renewal.cred_stamp(pki)
         self._pending = 0
         self._worker = threading.Thread(target=self._work_loop, name="nkudo-executor", daemon=True)
-        agent.executor.outbox_for = outbox_messages
-        agent.executor.on_outcome = self._on_outcome
+        # The daemon's own executor over the agent's handlers, its callbacks given here: every result
+        # it records queues its reports in the same transaction, and every outcome reaches metrics.
+        self.executor = Executor(agent.store, agent.handlers, on_outcome=self._on_outcome, outbox_for=outbox_messages)
 
     # ------------------------------------------------------------- control
 
@@ -263,7 +285,7 @@ class Daemon:
             try:
                 resp = self.client.heartbeat(req)
             except CpError as exc:
-                if exc.code not in IDENTITY_GONE:
+                if not exc.identity_gone:
                     raise
                 resp = self._retry_with_disk_credentials(req, exc)
         except (CpError, CpUnreachable, IdentityRejected) as exc:
@@ -317,9 +339,10 @@ class Daemon:
             self.work.put(actions)
 
     def _report_invalid(self, la: wm.LeasedAction, exc: NkudoError) -> None:
-        res = wm.ActionResult(execution_id=la.execution_id, status="FAILED", action_id=la.action_id[:128],
-                              error_code="INVALID_ARGUMENT", message=exc.message[:8000])  # fmt: skip
-        self.agent.store.enqueue(RESULT_KIND, la.execution_id, encode(res).decode())
+        res = wm.ActionResult(execution_id=la.execution_id, status=reported_status(ResultStatus.FAILED),
+                              action_id=la.action_id[:128], error_code=ErrorCode.INVALID_ARGUMENT,
+                              message=exc.message[:8000])  # fmt: skip
+        self.agent.store.enqueue(OutboxEntry(OutboxKind.RESULT, la.execution_id, encode(res).decode()))
         self.known.add(la.execution_id)
 
     # -------------------------------------------------------------- worker
@@ -335,7 +358,7 @@ class Daemon:
                         return  # not started: the lease expires and the control plane offers it again
                     self.running = a.execution_id
                     try:
-                        out = self.agent.executor.execute(a)
+                        out = self.executor.execute(a)
                     finally:
                         self.running = None
                     self.wake.set()  # report promptly
@@ -351,40 +374,42 @@ class Daemon:
     # -------------------------------------------------------------- outbox
 
     def _flush_outbox(self) -> bool:
-        """Send queued reports in order; True if the queue made progress."""
+        """Send queued reports in order through the typed client routes; True if the queue made progress."""
         progressed = False
         while True:
             batch = self.agent.store.outbox_peek(50)
             if not batch:
                 return progressed
-            logs = [(i, p) for i, k, _, p, _ in batch if k == LOGS_KIND]
-            results = [(i, p) for i, k, _, p, _ in batch if k == RESULT_KIND]
             try:
-                for i, payload in logs:
-                    self.client.call("POST", "/v1/logs", json.loads(payload), wm.LogBatchResponse)
-                    self.agent.store.outbox_ack([i])
+                for q in batch:
+                    if q.kind is OutboxKind.LOGS:
+                        self.client.logs(_stored(q, wm.LogBatch))
+                        self.agent.store.outbox_ack([q.id])
+                results = [q for q in batch if q.kind is OutboxKind.RESULT]
                 if results:
-                    report = {"results": [json.loads(p) for _, p in results]}
-                    resp = self.client.call("POST", "/v1/executions/result", report, wm.ResultResponse)
-                    assert resp is not None
-                    for r in resp.results:
+                    report = wm.ResultReport(results=[_stored(q, wm.ActionResult) for q in results])
+                    for r in self.client.results(report).results:
                         if r.outcome == "rejected":
                             _log.warn(
                                 "control plane rejected a result", execution_id=r.execution_id, code=r.code
                             )
-                    self.agent.store.outbox_ack([i for i, _ in results])
+                    self.agent.store.outbox_ack([q.id for q in results])
                 progressed = True
             except CpUnreachable as exc:
-                self.agent.store.outbox_failed([i for i, *_ in batch], exc.message)
+                self.agent.store.outbox_failed([q.id for q in batch], exc.message)
                 return progressed
             except CpError as exc:
-                if exc.status >= 500 or exc.code in IDENTITY_GONE:
-                    self.agent.store.outbox_failed([i for i, *_ in batch], exc.message)
+                if exc.status >= 500 or exc.identity_gone:
+                    self.agent.store.outbox_failed([q.id for q in batch], exc.message)
                     return progressed
                 # A 4xx for one message is permanent: drop it (logged) instead of blocking the queue forever.
-                bad = [i for i, *_ in batch][:1]
                 _log.error("control plane refused a report; dropping it", code=exc.code, error=exc.message)
-                self.agent.store.outbox_ack(bad)
+                self.agent.store.outbox_ack([batch[0].id])
+            except _Unreadable as exc:
+                # Queued by this agent, so never expected; dropped like a refused report rather than block the queue.
+                _log.error("a queued report cannot be read; dropping it", kind=str(exc.report.kind),
+                           key=exc.report.key, error=exc.message)  # fmt: skip
+                self.agent.store.outbox_ack([exc.report.id])
 
     # ------------------------------------------------------------- renewal
 
@@ -433,13 +458,13 @@ class Daemon:
                 ) from None
             raise CpError(
                 f"the control plane refused the credentials in use and {why}; retrying",
-                code="CREDENTIALS_PENDING",
+                code=ErrorCode.CREDENTIALS_PENDING,
                 status=exc.status,
             ) from None
         try:
             return self.client.heartbeat(req)
         except CpError as again:
-            if again.code not in IDENTITY_GONE:
+            if not again.identity_gone:
                 raise
             raise IdentityRejected(
                 f"{refused}, nor with the other credentials found in {self.pki.dir} (renewed by another "
@@ -489,7 +514,7 @@ def vm_summaries(store: Any) -> list[wm.VMSummary]:
     return [
         wm.VMSummary(
             vm_id=vm.vm_id,
-            state=vm.status.value,
+            state=vm.status,
             name=vm.name,
             vcpus=int(vm.spec.get("vcpus", 0)),
             memory_mib=int(vm.spec.get("memory_mib", 0)),

@@ -22,6 +22,7 @@ import fcntl
 import os
 
 from nkudo.errors import NkudoError
+from nkudo.wire.vocab import ErrorCode
 
 FICLONE = 0x40049409
 CHUNK = 1 << 20
@@ -37,11 +38,11 @@ def os_failure(exc: OSError, what: str, *, field: str | None = None) -> NkudoErr
     reason = exc.strerror or str(exc)
     if exc.errno in _NO_SPACE:
         return NkudoError(
-            f"{what}: the filesystem is full ({reason})", code="INSUFFICIENT_SPACE", field=field
+            f"{what}: the filesystem is full ({reason})", code=ErrorCode.INSUFFICIENT_SPACE, field=field
         )
     if exc.errno == errno.EFBIG:
-        return NkudoError(f"{what}: {reason}", code="DISK_TOO_LARGE", field=field)
-    return NkudoError(f"{what}: {reason}", code="HOST_IO_ERROR", field=field)
+        return NkudoError(f"{what}: {reason}", code=ErrorCode.DISK_TOO_LARGE, field=field)
+    return NkudoError(f"{what}: {reason}", code=ErrorCode.HOST_IO_ERROR, field=field)
 
 
 def _probe_size(directory: str, size: int) -> None:
@@ -104,7 +105,7 @@ def check_room(
             raise NkudoError(
                 f"{size_field}: a {target / 1024**3:g} GiB disk is larger than the filesystem holding "
                 f"{dst_dir!r} allows for one file",
-                code="DISK_TOO_LARGE",
+                code=ErrorCode.DISK_TOO_LARGE,
                 field=size_field,
             ) from None
         raise os_failure(exc, f"cannot create the root disk in {dst_dir!r}", field=size_field) from None
@@ -115,7 +116,7 @@ def check_room(
         raise NkudoError(
             f"{image_field}: cloning {src!r} needs {need // 1024**2} MiB free in {dst_dir!r} "
             f"(its data plus a {SPACE_RESERVE // 1024**2} MiB reserve) but only {free // 1024**2} MiB are",
-            code="INSUFFICIENT_SPACE",
+            code=ErrorCode.INSUFFICIENT_SPACE,
             field=image_field,
         )
 

@@ -23,19 +23,21 @@ from typing import Any
 
 from nkudo import log
 from nkudo.agent.plan import Action
-from nkudo.agent.state import StateStore
+from nkudo.agent.state import OutboxEntry, StateStore
 from nkudo.errors import NkudoError
+from nkudo.wire.vocab import ActionType, ErrorCode, LogLevel, ResultStatus
 
-SUCCEEDED, FAILED, TIMED_OUT = "SUCCEEDED", "FAILED", "TIMED_OUT"
-NOT_RUN = "NOT_RUN"
+# Re-exported names of the shared vocabulary (callers and tests used them from here).
+SUCCEEDED, FAILED, TIMED_OUT = ResultStatus.SUCCEEDED, ResultStatus.FAILED, ResultStatus.TIMED_OUT
+NOT_RUN = ResultStatus.NOT_RUN
 MAX_LOG_LINES = 500
-NOT_REPEATABLE = frozenset({"CommandExecute"})
+_LOGGER_METHOD = {LogLevel.DEBUG: "debug", LogLevel.INFO: "info", LogLevel.WARN: "warn", LogLevel.ERROR: "error"}
 
 
 class ActionTimeout(NkudoError):
     """The action's deadline passed; the handler stopped where it was safe to."""
 
-    code = "TIMED_OUT"
+    code = ErrorCode.TIMED_OUT
     is_timeout = True
 
 
@@ -58,17 +60,17 @@ class ActionContext:
         if self.remaining() <= 0:
             raise ActionTimeout(f"{self.action.type} timed out after {self.action.timeout:g}s while {what}")
 
-    def log(self, msg: str, level: str = "INFO", **fields: Any) -> None:
+    def log(self, msg: str, level: LogLevel = LogLevel.INFO, **fields: Any) -> None:
         if len(self.logs) < MAX_LOG_LINES:
             self.logs.append(
-                {"ts": time.time(), "level": level, "message": msg, **({"fields": fields} if fields else {})}
+                {"ts": time.time(), "level": str(level), "message": msg, **({"fields": fields} if fields else {})}
             )
-        getattr(self._log, {"DEBUG": "debug", "WARN": "warn", "ERROR": "error"}.get(level, "info"))(
-            msg, **fields
-        )
+        getattr(self._log, _LOGGER_METHOD.get(level, "info"))(msg, **fields)
 
 
 Handler = Callable[[ActionContext, Any], dict[str, Any]]
+#: Messages to the control plane derived from one outcome (see ``Executor``).
+OutboxFor = Callable[["Outcome"], list[OutboxEntry]]
 
 
 class Outcome:
@@ -91,14 +93,14 @@ class Outcome:
         "vm_id",
     )
 
-    def __init__(self, action: Action, status: str) -> None:
+    def __init__(self, action: Action, status: ResultStatus) -> None:
         self.action_id = action.action_id
         self.type = action.type
         self.vm_id = action.vm_id
         self.execution_id = action.execution_id
         self.label = action.label
-        self.status = status
-        self.error_code: str | None = None
+        self.status = ResultStatus(status)
+        self.error_code: str | None = None  # an ErrorCode, or a code another component chose
         self.error_message: str | None = None
         self.result: dict[str, Any] = {}
         self.logs: list[dict[str, Any]] = []
@@ -115,7 +117,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status == SUCCEEDED
+        return self.status.ok
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__slots__}
@@ -130,7 +132,7 @@ class Executor:
         handlers: dict[str, Handler],
         *,
         on_outcome: Callable[[Outcome], None] | None = None,
-        outbox_for: Callable[[Outcome], list[tuple[str, str, str]]] | None = None,
+        outbox_for: OutboxFor | None = None,
     ) -> None:
         self.store = store
         self.handlers = handlers
@@ -150,22 +152,20 @@ class Executor:
         rec = self.store.get_action(action.action_id)
         if rec is not None and rec.params_hash != action.params_hash:
             out = Outcome(action, FAILED)
-            out.error_code = "ACTION_CONFLICT"
+            out.error_code = ErrorCode.ACTION_CONFLICT
             out.error_message = f"action_id {action.action_id!r} was already used with different parameters; nothing was executed"
             alog.warn("action id reused with different parameters")
             return self._emit(out)
         if rec is not None and rec.terminal:
-            out = Outcome(action, rec.state)
+            out = Outcome(action, rec.result_status)
             out.error_code, out.error_message = rec.error_code, rec.error_message
             out.result, out.logs = rec.result, rec.logs
             out.started_at, out.ended_at = rec.started_at, rec.ended_at
             out.replayed, out.attempts = True, rec.attempts
             alog.debug("returning recorded result", status=rec.state)
             if self.outbox_for is not None:
-                for kind, key, payload in self.outbox_for(out):
-                    self.store.enqueue(
-                        kind, key, payload
-                    )  # no-op if still queued; re-sent if acked (CP dedupes)
+                for entry in self.outbox_for(out):
+                    self.store.enqueue(entry)  # no-op if still queued; re-sent if acked (CP dedupes)
             return self._emit(out)
 
         interrupted = rec is not None  # journalled but never finished: the agent died mid-action
@@ -177,20 +177,20 @@ class Executor:
         out = Outcome(action, FAILED)
         out.attempts = attempt
         out.started_at = time.time()
-        if interrupted and action.type in NOT_REPEATABLE:
-            out.error_code = "INTERRUPTED"
+        if interrupted and not _repeatable(action.type):
+            out.error_code = ErrorCode.INTERRUPTED
             out.error_message = (
                 "the agent stopped while this command was running; it is not run a second time"
             )
-            ctx.log(out.error_message, "WARN")
+            ctx.log(out.error_message, LogLevel.WARN)
         else:
             if interrupted:
-                ctx.log(f"resuming after an agent restart (attempt {attempt})", "WARN")
+                ctx.log(f"resuming after an agent restart (attempt {attempt})", LogLevel.WARN)
             handler = self.handlers.get(action.type)
             try:
                 if handler is None:
                     raise NkudoError(
-                        f"this agent has no handler for {action.type}", code="UNSUPPORTED_ACTION"
+                        f"this agent has no handler for {action.type}", code=ErrorCode.UNSUPPORTED_ACTION
                     )
                 ctx.check_deadline("starting")
                 out.result = handler(ctx, action.params) or {}
@@ -202,11 +202,11 @@ class Executor:
                 out.result = dict(getattr(exc, "result", None) or {})
             except Exception as exc:  # a handler bug must not kill the agent or lose the result
                 alog.exception("handler crashed")
-                out.error_code, out.error_message = "INTERNAL", f"{type(exc).__name__}: {exc}"
+                out.error_code, out.error_message = ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
         out.ended_at = time.time()
         if out.status != SUCCEEDED:
             ctx.log(
-                f"{action.type} {out.status.lower()}: {out.error_message}", "ERROR", error_code=out.error_code
+                f"{action.type} {out.status.lower()}: {out.error_message}", LogLevel.ERROR, error_code=out.error_code
             )
         else:
             ctx.log(f"{action.type} succeeded in {out.duration:.3f}s")
@@ -234,7 +234,7 @@ class Executor:
         for a in actions:
             if failed and stop_on_failure:
                 o = Outcome(a, NOT_RUN)
-                o.error_code = "NOT_RUN"
+                o.error_code = ErrorCode.NOT_RUN
                 o.error_message = "not run because an earlier action of the plan failed"
                 outcomes.append(o)
                 continue
@@ -242,3 +242,11 @@ class Executor:
             outcomes.append(o)
             failed = failed or not o.ok
         return outcomes
+
+
+def _repeatable(action_type: str) -> bool:
+    """Whether an interrupted action may run again (unknown types: yes, they fail without side effects)."""
+    try:
+        return ActionType(action_type).repeatable
+    except ValueError:
+        return True

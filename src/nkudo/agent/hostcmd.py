@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from nkudo.errors import NkudoError, ValidationError
+from nkudo.wire.vocab import ErrorCode
 
 OUTPUT_CAP = 64 * 1024
 KILL_GRACE = 2.0
@@ -29,7 +30,7 @@ SAFE_ENV = {
 
 
 class CommandFailed(NkudoError):
-    code = "COMMAND_FAILED"
+    code = ErrorCode.COMMAND_FAILED
 
     def __init__(self, message: str, result: dict[str, Any], code: str | None = None) -> None:
         super().__init__(message, code=code)
@@ -39,7 +40,7 @@ class CommandFailed(NkudoError):
 class CommandTimedOut(CommandFailed):
     """The command outlived its time limit and its process group was killed (``result`` has its output so far)."""
 
-    code = "TIMED_OUT"
+    code = ErrorCode.TIMED_OUT
     is_timeout = True
 
 
@@ -66,7 +67,7 @@ def resolve_command(command: str, allow: frozenset[str]) -> str:
     if real not in allow:
         raise NkudoError(
             f"params.command {command!r} is not allowed on this host (allow it with --exec-allow)",
-            code="COMMAND_NOT_ALLOWED",
+            code=ErrorCode.COMMAND_NOT_ALLOWED,
             field="params.command",
         )
     return real

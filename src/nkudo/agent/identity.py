@@ -17,6 +17,7 @@ from typing import Any
 from nkudo.agent.disks import write_atomic
 from nkudo.agent.state import StateStore
 from nkudo.errors import NkudoError
+from nkudo.wire.vocab import ErrorCode
 
 IDENTITY_KEY = "identity"
 
@@ -169,7 +170,7 @@ def load_identity(store: StateStore) -> Identity | None:
 def _not_enrolled() -> NkudoError:
     return NkudoError(
         "this host is not enrolled (run: nkudo-edge enroll --control-plane URL --token TOKEN)",
-        code="NOT_ENROLLED",
+        code=ErrorCode.NOT_ENROLLED,
     )
 
 

@@ -89,6 +89,7 @@ from nkudo import log
 from nkudo.agent.state import StateStore
 from nkudo.errors import HostError, ValidationError
 from nkudo.vmstate import VmStatus
+from nkudo.wire.vocab import ErrorCode, ResultStatus
 
 #: Action wall times range from milliseconds (pause) to minutes (create with an image copy, snapshot).
 ACTION_BUCKETS: tuple[float, ...] = (
@@ -113,8 +114,8 @@ ACTION_BUCKETS: tuple[float, ...] = (
 HEARTBEAT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 
 #: Executor statuses that mean "the action ran" → their ``status`` label value.
-_COUNTED_STATUSES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "TIMED_OUT": "timed_out"}
-_NOT_RUN = "NOT_RUN"
+_COUNTED_STATUSES = {s: s.value.lower() for s in ResultStatus if s.ran}
+_ALL_STATUSES = frozenset(ResultStatus)
 
 METRICS_ADDR_FLAG = "--metrics-addr"
 DEFAULT_METRICS_ADDR = ":9090"
@@ -225,12 +226,13 @@ class AgentMetrics:
         counts the action without observing the histogram; a negative one (the executor times actions
         with the wall clock, which can step back) is observed as 0.
         """
-        if replayed or status.upper() == _NOT_RUN:
+        known = status.upper() in _ALL_STATUSES
+        if replayed or status.upper() == ResultStatus.NOT_RUN:
             return
-        label = _COUNTED_STATUSES.get(status.upper())
+        label = _COUNTED_STATUSES.get(ResultStatus(status.upper())) if known else None
         if label is None:
             raise ValueError(
-                f"unknown action status {status!r} (expected one of {sorted(_COUNTED_STATUSES)})"
+                f"unknown action status {status!r} (expected one of {sorted(s.value for s in _COUNTED_STATUSES)})"
             )
         with self._lock:
             key = (action_type, label)
@@ -570,5 +572,5 @@ def _bind(host: str, port: int, handler: type[_Handler]) -> _Server:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     raise HostError(
         f"{METRICS_ADDR_FLAG}: cannot listen on {where}: {last.strerror if last else 'no usable address'}",
-        code="METRICS_BIND_FAILED",
+        code=ErrorCode.METRICS_BIND_FAILED,
     )

@@ -13,6 +13,7 @@ import re
 
 from nkudo.errors import NkudoError, ValidationError
 from nkudo.wire.actions import IDENT_PATTERN
+from nkudo.wire.vocab import ErrorCode
 
 #: The wire's identifier pattern (``\Z``-anchored: a trailing newline is not a safe component).
 SAFE_COMPONENT = re.compile(IDENT_PATTERN)
@@ -28,7 +29,7 @@ def safe_join(root: str, *parts: str, field: str = "params") -> str:
     path = os.path.join(root_real, *parts)
     real = os.path.realpath(path)
     if real != path or os.path.commonpath([root_real, real]) != root_real:
-        raise NkudoError(f"{field}: {path!r} resolves outside {root_real!r}", code="PATH_ESCAPE", field=field)
+        raise NkudoError(f"{field}: {path!r} resolves outside {root_real!r}", code=ErrorCode.PATH_ESCAPE, field=field)
     return path
 
 
@@ -42,12 +43,12 @@ def within_roots(path: str, roots: tuple[str, ...], field: str) -> str:
         if os.path.commonpath([rr, real]) == rr:
             if not os.path.isfile(real):
                 raise NkudoError(
-                    f"{field} {path!r} does not exist or is not a file", code="FILE_NOT_FOUND", field=field
+                    f"{field} {path!r} does not exist or is not a file", code=ErrorCode.FILE_NOT_FOUND, field=field
                 )
             return real
     raise NkudoError(
         f"{field} {path!r} is outside the allowed image roots ({', '.join(roots) or 'none configured'})",
-        code="PATH_NOT_ALLOWED",
+        code=ErrorCode.PATH_NOT_ALLOWED,
         field=field,
     )
 
@@ -56,6 +57,6 @@ def check_socket_path(path: str) -> str:
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise NkudoError(
             f"API socket path {path!r} is longer than {SUN_PATH_MAX} bytes; use a shorter --runtime-dir",
-            code="PATH_TOO_LONG",
+            code=ErrorCode.PATH_TOO_LONG,
         )
     return path

@@ -10,9 +10,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, NotRequired, Protocol, TypedDict
 
 from nkudo.vmstate import VmStatus
+
+if TYPE_CHECKING:
+    from nkudo.proc.identity import ProcessIdentity
+
+
+class ProcessRecord(TypedDict):
+    """The stored identity of a VMM process, as the provider hands it to the VM service.
+
+    Why a ``TypedDict`` and not ``ProcessIdentity`` itself: the record is persisted as JSON in
+    the state store and read back unvalidated, so a corrupt one still reaches the provider, which
+    refuses it (``ProcessIdentity.from_dict``) and falls back to the VM's marker, and the
+    reconciler can say why in ``last_error``. The keys are ``ProcessIdentity.to_dict``'s.
+    """
+
+    pid: int
+    start_time: int
+    exe: str
+    boot_id: str
+    marker: NotRequired[str]
+
+
+def process_record(ident: ProcessIdentity) -> ProcessRecord:
+    """The record of a live process's identity (what ``launch`` returns and ``on_spawned`` gets)."""
+    rec = ProcessRecord(pid=ident.pid, start_time=ident.start_time, exe=ident.exe, boot_id=ident.boot_id)
+    if ident.marker is not None:
+        rec["marker"] = ident.marker
+    return rec
 
 
 @dataclass
@@ -58,8 +85,8 @@ class Provider(Protocol):
         paths: VmPaths,
         *,
         timeout: float,
-        on_spawned: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+        on_spawned: Callable[[ProcessRecord], None] | None = None,
+    ) -> ProcessRecord:
         """Start the VMM and hand it the VM config (not booted). Return the process identity record.
 
         ``on_spawned(record)`` is called as soon as the process exists, before it is configured,
@@ -68,7 +95,7 @@ class Provider(Protocol):
         is read again after the VMM answered, i.e. after the launcher's final exec.
         """
 
-    def is_alive(self, process: dict[str, Any] | None) -> bool:
+    def is_alive(self, process: ProcessRecord | None) -> bool:
         """Whether the recorded VMM process still exists (identity-checked)."""
 
     def state(self, paths: VmPaths, *, timeout: float) -> VmStatus | None:
@@ -83,7 +110,7 @@ class Provider(Protocol):
     def snapshot(self, paths: VmPaths, dest_dir: str, *, timeout: float) -> None: ...
 
     def stop(
-        self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
+        self, paths: VmPaths, process: ProcessRecord | None, *, graceful_timeout: float, force: bool
     ) -> str:
         """Power the VM off and end the VMM; return how ("guest", "api", "signal", "already").
 
@@ -95,7 +122,7 @@ class Provider(Protocol):
     def live_vmms(self, paths: VmPaths) -> list[int]:
         """Pids of live processes carrying the VM's marker, recorded or not (never forget a VMM)."""
 
-    def watch(self, process: dict[str, Any]) -> bool:
+    def watch(self, process: ProcessRecord) -> bool:
         """Supervise a running VMM found at start-up; unrequested exits go to the agent's callback."""
 
     def close(self) -> None: ...

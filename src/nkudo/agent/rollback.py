@@ -6,8 +6,8 @@ attempt made. The rollback therefore works from what is *there* (the record's
 VMM, TAPs carrying the VM's owner marker, the runtime directory holding the
 clone, the seed and the logs) and undoes it in reverse order of creation.
 
-Only a VM whose create never completed is rolled back (the record carries
-:data:`CREATE_PENDING` from insert until the create succeeds); a failed
+Only a VM whose create never completed is rolled back (the record's
+``create_pending`` is set from insert until the create succeeds); a failed
 re-create of a VM that already exists never tears it down.
 
 The record goes last, and only if everything else went: if a step fails, the
@@ -26,9 +26,8 @@ from nkudo.agent.executor import ActionContext
 from nkudo.agent.provider import Provider, VmPaths
 from nkudo.agent.state import StateStore
 from nkudo.vmstate import VmStatus
+from nkudo.wire.vocab import LogLevel
 
-#: Spec key set on a VM record from its insert until its create has succeeded.
-CREATE_PENDING = "_create_pending"
 _LOG_TAIL = 2048
 
 
@@ -69,7 +68,7 @@ def rollback_create(
     tail = _log_tail(p.vmm_log)
     if tail:
         # The error message points at vmm.log, which is about to go: keep its end in the action log.
-        ctx.log("rollback: end of the VMM log", "WARN", vmm_log=tail)
+        ctx.log("rollback: end of the VMM log", LogLevel.WARN, vmm_log=tail)
     try:
         if os.path.isdir(p.runtime_dir):
             shutil.rmtree(p.runtime_dir)
@@ -81,11 +80,11 @@ def rollback_create(
             what = "; ".join(left)
             msg = f"create failed and could not be fully rolled back; MicroVMDelete removes: {what}"
             store.update_vm(vm_id, status=VmStatus.ERROR, last_error=msg)
-            ctx.log(msg, "ERROR")
+            ctx.log(msg, LogLevel.ERROR)
         else:
             store.delete_vm(vm_id)
     if not left:
-        ctx.log("rollback: failed create undone", "WARN")
+        ctx.log("rollback: failed create undone", LogLevel.WARN)
     return not left
 
 

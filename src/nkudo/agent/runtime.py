@@ -7,16 +7,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nkudo import log
-from nkudo.agent.executor import Executor, Outcome
+from nkudo.agent.executor import Executor, Handler, Outcome
 from nkudo.agent.hostcmd import normalise_allowlist, run_command
 from nkudo.agent.network import HostNetwork
-from nkudo.agent.provider import Provider
+from nkudo.agent.provider import ProcessRecord, Provider
 from nkudo.agent.state import StateStore
 from nkudo.agent.vms import NetworkPort, VmConfig, VmService
 from nkudo.errors import ValidationError
 from nkudo.proc.errors import AdoptionRefused, ProcessError
 from nkudo.proc.identity import ProcessIdentity, check_identity
 from nkudo.vmstate import VmStatus
+from nkudo.wire.vocab import ActionType
 
 _log = log.get_logger("agent")
 
@@ -65,9 +66,10 @@ class Agent:
             self.network,
             VmConfig(cfg.runtime_dir, cfg.snapshot_dir, cfg.image_roots, cfg.bridge, cfg.stop_timeout),
         )
-        handlers = self.vms.handlers()
-        handlers["CommandExecute"] = self._command
-        self.executor = Executor(self.store, handlers)
+        #: Every action type's handler; an executor with reporting callbacks (the daemon's) is built on these.
+        self.handlers: dict[str, Handler] = {**self.vms.handlers(), ActionType.COMMAND_EXECUTE: self._command}
+        #: Runs actions with no reporting (``apply``, ``unenroll --delete-vms``).
+        self.executor = Executor(self.store, self.handlers)
 
     def _command(self, ctx: Any, params: Any) -> dict[str, Any]:
         return run_command(
@@ -78,7 +80,7 @@ class Agent:
             allow=self.allow,
         )
 
-    def _vmm_exited(self, process: dict[str, Any], how: str, clean: bool) -> None:
+    def _vmm_exited(self, process: ProcessRecord, how: str, clean: bool) -> None:
         """A VMM ended without the agent asking (pidfd notification): record what happened to its VM."""
         for vm in self.store.list_vms():
             if (
@@ -155,7 +157,7 @@ class Agent:
         return plan_id, self.executor.run_plan(actions)
 
 
-def _refusal(process: dict[str, Any] | None) -> str:
+def _refusal(process: ProcessRecord | None) -> str:
     """Why ``process`` (a stored record) is not the live VMM, in words for ``last_error``."""
     if not process:
         return "no process was recorded"

@@ -10,6 +10,7 @@ effect and completed after its last, so a restart can tell "never started",
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sqlite3
@@ -17,11 +18,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+from nkudo.agent.provider import NicPlan, ProcessRecord
 from nkudo.vmstate import VmStatus
+from nkudo.wire.vocab import ExecState, ResultStatus
 
-SCHEMA_VERSION = 1
+#: 2: the resolved NICs and the create-pending mark are columns of ``vms`` (they were hidden
+#: ``_nics_resolved`` / ``_create_pending`` keys of the spec JSON in 1; ``_migrate`` moves them).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -38,7 +44,9 @@ CREATE TABLE IF NOT EXISTS vms (
     runtime_dir TEXT NOT NULL,
     last_error  TEXT,
     created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL
+    updated_at  REAL NOT NULL,
+    nics        TEXT NOT NULL DEFAULT '[]',
+    create_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS actions (
     action_id     TEXT PRIMARY KEY,
@@ -68,14 +76,54 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 """
 
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "TIMED_OUT"})
+#: States of a journalled action that are final (a recorded result).
+TERMINAL = frozenset(s for s in ResultStatus if s.ran)
+#: Legacy spec keys of schema 1 (now columns): never part of a spec again.
+_LEGACY_NICS, _LEGACY_PENDING = "_nics_resolved", "_create_pending"
+
+
+class OutboxKind(enum.StrEnum):
+    """What a queued report is, i.e. which control-plane route takes it."""
+
+    RESULT = "result"  # a ``wire.messages.ActionResult`` -> POST /v1/executions/result
+    LOGS = "logs"  # a ``wire.messages.LogBatch`` -> POST /v1/logs
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One report to queue: at most one per (kind, key); ``payload`` is the encoded wire message."""
+
+    kind: OutboxKind
+    key: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedReport:
+    """One queued report as read back (oldest first), with its row id for ack/failure."""
+
+    id: int
+    kind: OutboxKind
+    key: str
+    payload: str
+    attempts: int
 
 
 class VmRecord:
+    """One row of ``vms``.
+
+    ``spec`` is exactly the plan's ``MicroVMCreate`` params (without ``start``); what the agent
+    resolved or is doing about it lives in fields of its own: ``nics`` (the TAPs, MACs and bridges
+    the VMM is given) and ``create_pending`` (set from insert until the create succeeded; only
+    such a record is rolled back when a create fails).
+    """
+
     __slots__ = (
+        "create_pending",
         "created_at",
         "last_error",
         "name",
+        "nics",
         "process",
         "runtime_dir",
         "spec",
@@ -90,15 +138,20 @@ class VmRecord:
         self.name: str = row["name"]
         self.spec: dict[str, Any] = json.loads(row["spec"])
         self.status = VmStatus(row["status"])
-        self.process: dict[str, Any] | None = json.loads(row["process"]) if row["process"] else None
+        self.process: ProcessRecord | None = json.loads(row["process"]) if row["process"] else None
         self.taps: list[str] = json.loads(row["taps"])
+        self.nics: list[NicPlan] = [NicPlan(tap=t, mac=m, bridge=b) for t, m, b in json.loads(row["nics"])]
+        self.create_pending: bool = bool(row["create_pending"])
         self.runtime_dir: str = row["runtime_dir"]
         self.last_error: str | None = row["last_error"]
         self.created_at: float = row["created_at"]
         self.updated_at: float = row["updated_at"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(getattr(self, k)) if k == "status" else getattr(self, k)) for k in self.__slots__}
+        out = {k: getattr(self, k) for k in self.__slots__}
+        out["status"] = str(self.status)
+        out["nics"] = [{"tap": n.tap, "mac": n.mac, "bridge": n.bridge} for n in self.nics]
+        return out
 
 
 class ActionRecord:
@@ -124,7 +177,10 @@ class ActionRecord:
         self.type: str = row["type"]
         self.vm_id: str | None = row["vm_id"]
         self.execution_id: str | None = row["execution_id"]
-        self.state: str = row["state"]
+        # RUNNING while journalled and unfinished, else the recorded result.
+        self.state: ResultStatus | ExecState = (
+            ResultStatus(row["state"]) if row["state"] in TERMINAL else ExecState(row["state"])
+        )
         self.attempts: int = row["attempts"]
         self.started_at: float = row["started_at"]
         self.ended_at: float | None = row["ended_at"]
@@ -135,7 +191,14 @@ class ActionRecord:
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL
+        return isinstance(self.state, ResultStatus)
+
+    @property
+    def result_status(self) -> ResultStatus:
+        """The recorded result (only for a terminal record)."""
+        if not isinstance(self.state, ResultStatus):
+            raise ValueError(f"action {self.action_id} has no result yet (state {self.state})")
+        return self.state
 
 
 class StateStore:
@@ -157,8 +220,33 @@ class StateStore:
             raise RuntimeError(
                 f"state database {self.path} has schema {ver}, newer than this agent ({SCHEMA_VERSION})"
             )
+        self._migrate()
         if ver < SCHEMA_VERSION:
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Bring a schema-1 database to 2 in one transaction (an agent killed midway redoes it).
+
+        Why by columns and not by ``user_version``: a fresh database has version 0 too, and
+        ``CREATE TABLE IF NOT EXISTS`` leaves an old ``vms`` table without the new columns.
+        """
+        with self._lock:
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(vms)")}
+        if "nics" in cols and "create_pending" in cols:
+            return
+        with self.tx() as c:
+            if "nics" not in cols:
+                c.execute("ALTER TABLE vms ADD COLUMN nics TEXT NOT NULL DEFAULT '[]'")
+            if "create_pending" not in cols:
+                c.execute("ALTER TABLE vms ADD COLUMN create_pending INTEGER NOT NULL DEFAULT 0")
+            for vm_id, spec_text in c.execute("SELECT vm_id, spec FROM vms").fetchall():
+                spec = json.loads(spec_text)
+                nics = spec.pop(_LEGACY_NICS, [])
+                pending = bool(spec.pop(_LEGACY_PENDING, False))
+                c.execute(
+                    "UPDATE vms SET spec=?, nics=?, create_pending=? WHERE vm_id=?",
+                    (json.dumps(spec, sort_keys=True), json.dumps(nics), int(pending), vm_id),
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -207,13 +295,21 @@ class StateStore:
         return [VmRecord(r) for r in rows]
 
     def insert_vm(
-        self, vm_id: str, name: str, spec: dict[str, Any], runtime_dir: str, status: VmStatus
+        self,
+        vm_id: str,
+        name: str,
+        spec: dict[str, Any],
+        runtime_dir: str,
+        status: VmStatus,
+        *,
+        create_pending: bool = False,
     ) -> None:
         now = time.time()
         with self.tx() as c:
             c.execute(
-                "INSERT INTO vms(vm_id, name, spec, status, runtime_dir, created_at, updated_at) VALUES(?,?,?,?,?,?,?)",
-                (vm_id, name, json.dumps(spec, sort_keys=True), status.value, runtime_dir, now, now),
+                "INSERT INTO vms(vm_id, name, spec, status, runtime_dir, created_at, updated_at, create_pending) "
+                "VALUES(?,?,?,?,?,?,?,?)",
+                (vm_id, name, json.dumps(spec, sort_keys=True), status.value, runtime_dir, now, now, int(create_pending)),
             )
 
     _UNSET: Any = object()
@@ -223,9 +319,10 @@ class StateStore:
         vm_id: str,
         *,
         status: VmStatus | None = None,
-        process: dict[str, Any] | None = _UNSET,
+        process: ProcessRecord | None = _UNSET,
         taps: list[str] | None = None,
-        spec: dict[str, Any] | None = None,
+        nics: list[NicPlan] | None = None,
+        create_pending: bool | None = None,
         last_error: str | None = _UNSET,
     ) -> None:
         sets: list[str] = ["updated_at=?"]
@@ -239,9 +336,12 @@ class StateStore:
         if taps is not None:
             sets.append("taps=?")
             args.append(json.dumps(taps))
-        if spec is not None:
-            sets.append("spec=?")
-            args.append(json.dumps(spec, sort_keys=True))
+        if nics is not None:
+            sets.append("nics=?")
+            args.append(json.dumps([[n.tap, n.mac, n.bridge] for n in nics]))
+        if create_pending is not None:
+            sets.append("create_pending=?")
+            args.append(int(create_pending))
         if last_error is not self._UNSET:
             sets.append("last_error=?")
             args.append(last_error)
@@ -267,21 +367,21 @@ class StateStore:
         with self.tx() as c:
             c.execute(
                 "INSERT INTO actions(action_id, params_hash, type, vm_id, execution_id, state, started_at) "
-                "VALUES(?,?,?,?,?, 'RUNNING', ?) "
+                "VALUES(?,?,?,?,?,?,?) "
                 "ON CONFLICT(action_id) DO UPDATE SET attempts=attempts+1",
-                (action_id, params_hash, type_, vm_id, execution_id, time.time()),
+                (action_id, params_hash, type_, vm_id, execution_id, ExecState.RUNNING.value, time.time()),
             )
 
     def finish_action(
         self,
         action_id: str,
-        state: str,
+        state: ResultStatus,
         *,
         error_code: str | None,
         error_message: str | None,
         result: dict[str, Any],
         logs: list[dict[str, Any]],
-        outbox: list[tuple[str, str, str]] | None = None,
+        outbox: list[OutboxEntry] | None = None,
     ) -> None:
         """Record the terminal result and, in the same transaction, queue what must be reported."""
         if state not in TERMINAL:
@@ -290,7 +390,7 @@ class StateStore:
             c.execute(
                 "UPDATE actions SET state=?, ended_at=?, error_code=?, error_message=?, result=?, logs=? WHERE action_id=?",
                 (
-                    state,
+                    ResultStatus(state).value,
                     time.time(),
                     error_code,
                     error_message,
@@ -299,30 +399,30 @@ class StateStore:
                     action_id,
                 ),
             )
-            for kind, key, payload in outbox or ():
-                self._enqueue(c, kind, key, payload)
+            for entry in outbox or ():
+                self._enqueue(c, entry)
 
     # --------------------------------------------------------------- outbox
 
     @staticmethod
-    def _enqueue(c: sqlite3.Connection, kind: str, key: str, payload: str) -> None:
+    def _enqueue(c: sqlite3.Connection, entry: OutboxEntry) -> None:
         c.execute(
             "INSERT INTO outbox(kind, key, payload, created_at) VALUES(?,?,?,?) ON CONFLICT(kind, key) DO NOTHING",
-            (kind, key, payload, time.time()),
+            (entry.kind.value, entry.key, entry.payload, time.time()),
         )
 
-    def enqueue(self, kind: str, key: str, payload: str) -> None:
+    def enqueue(self, entry: OutboxEntry) -> None:
         """Queue a message for the control plane (idempotent per kind and key)."""
         with self.tx() as c:
-            self._enqueue(c, kind, key, payload)
+            self._enqueue(c, entry)
 
-    def outbox_peek(self, limit: int = 100) -> list[tuple[int, str, str, str, int]]:
-        """Oldest queued messages: (id, kind, key, payload, attempts)."""
+    def outbox_peek(self, limit: int = 100) -> list[QueuedReport]:
+        """Oldest queued messages first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, kind, key, payload, attempts FROM outbox ORDER BY id LIMIT ?", (limit,)
             ).fetchall()
-        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return [QueuedReport(r[0], OutboxKind(r[1]), r[2], r[3], r[4]) for r in rows]
 
     def outbox_ack(self, ids: list[int]) -> None:
         if not ids:
@@ -348,7 +448,7 @@ class StateStore:
         with self._lock:
             if unfinished_only:
                 rows = self._db.execute(
-                    "SELECT * FROM actions WHERE state='RUNNING' ORDER BY started_at"
+                    "SELECT * FROM actions WHERE state=? ORDER BY started_at", (ExecState.RUNNING.value,)
                 ).fetchall()
             else:
                 rows = self._db.execute("SELECT * FROM actions ORDER BY started_at").fetchall()

@@ -20,12 +20,13 @@ from nkudo.agent import paths as P
 from nkudo.agent.disks import check_room, clone_image, fsync_dir, os_failure, write_atomic
 from nkudo.agent.executor import ActionContext
 from nkudo.agent.provider import LaunchSpec, NicPlan, Provider, VmPaths
-from nkudo.agent.rollback import CREATE_PENDING, rollback_create
+from nkudo.agent.rollback import rollback_create
 from nkudo.agent.state import StateStore, VmRecord
 from nkudo.errors import NkudoError
 from nkudo.vmstate import VmStatus
 from nkudo.wire import actions as A
 from nkudo.wire.codec import convert, to_builtins
+from nkudo.wire.vocab import ActionType, ErrorCode
 
 
 class NetworkPort(Protocol):
@@ -65,13 +66,13 @@ class VmService:
 
     def handlers(self) -> dict[str, Callable[[ActionContext, Any], dict[str, Any]]]:
         return {
-            "MicroVMCreate": self.create,
-            "MicroVMStart": self.start,
-            "MicroVMStop": self.stop,
-            "MicroVMDelete": self.delete,
-            "MicroVMPause": self.pause,
-            "MicroVMResume": self.resume,
-            "MicroVMSnapshot": self.snapshot,
+            ActionType.MICROVM_CREATE: self.create,
+            ActionType.MICROVM_START: self.start,
+            ActionType.MICROVM_STOP: self.stop,
+            ActionType.MICROVM_DELETE: self.delete,
+            ActionType.MICROVM_PAUSE: self.pause,
+            ActionType.MICROVM_RESUME: self.resume,
+            ActionType.MICROVM_SNAPSHOT: self.snapshot,
         }
 
     def paths(self, vm_id: str, *, with_disks: bool = True) -> VmPaths:
@@ -89,12 +90,12 @@ class VmService:
         rec = self.store.get_vm(vm_id)
         if rec is None:
             raise NkudoError(
-                f"VM {vm_id!r} does not exist on this host", code="VM_NOT_FOUND", field="params.vm_id"
+                f"VM {vm_id!r} does not exist on this host", code=ErrorCode.VM_NOT_FOUND, field="params.vm_id"
             )
         return rec
 
     def _launch_spec(self, rec: VmRecord, p: VmPaths) -> LaunchSpec:
-        spec = convert({k: v for k, v in rec.spec.items() if not k.startswith("_")}, A.MicroVMCreate)
+        spec = convert(rec.spec, A.MicroVMCreate)
         disks: list[tuple[str, bool]] = []
         if spec.image_path is not None and p.rootfs:
             disks.append((p.rootfs, False))
@@ -102,10 +103,6 @@ class VmService:
             disks.append((P.within_roots(d.path, self.cfg.image_roots, "params.disks.path"), d.readonly))
         if spec.cloud_init is not None and p.seed_iso:
             disks.append((p.seed_iso, True))
-        nics = [
-            NicPlan(tap=t, mac=m, bridge=b)
-            for t, m, b in (tuple(x) for x in rec.spec.get("_nics_resolved", []))
-        ]
         return LaunchSpec(
             vm_id=rec.vm_id,
             vcpus=spec.vcpus,
@@ -115,7 +112,7 @@ class VmService:
             initramfs_path=spec.initramfs_path,
             cmdline=spec.cmdline,
             disks=disks,
-            nics=nics,
+            nics=list(rec.nics),
         )
 
     def _ensure_running_vmm(self, ctx: ActionContext, rec: VmRecord, p: VmPaths, *, boot: bool) -> VmStatus:
@@ -147,7 +144,7 @@ class VmService:
             state = self.provider.state(p, timeout=min(5.0, max(ctx.remaining(), 0.1)))
             if state != VmStatus.RUNNING:
                 raise NkudoError(
-                    f"VM {rec.vm_id} did not reach Running after boot (state {state})", code="BOOT_FAILED"
+                    f"VM {rec.vm_id} did not reach Running after boot (state {state})", code=ErrorCode.BOOT_FAILED
                 )
             ctx.log("VM booted")
         if boot and state == VmStatus.PAUSED:
@@ -159,7 +156,7 @@ class VmService:
         out = {
             "vm_id": rec.vm_id,
             "status": status.value,
-            "pid": (rec.process or {}).get("pid"),
+            "pid": rec.process.get("pid") if rec.process else None,
             "taps": rec.taps,
         }
         out.update(extra)
@@ -174,11 +171,10 @@ class VmService:
         spec.pop("start", None)
         rec = self.store.get_vm(vm_id)
         if rec is not None:
-            existing = {k: v for k, v in rec.spec.items() if not k.startswith("_")}
-            if existing != spec:
+            if rec.spec != spec:
                 raise NkudoError(
                     f"VM {vm_id!r} already exists with a different specification; delete it first",
-                    code="VM_EXISTS",
+                    code=ErrorCode.VM_EXISTS,
                     field="params.vm_id",
                 )
         else:
@@ -195,24 +191,23 @@ class VmService:
                 P.within_roots(d.path, self.cfg.image_roots, f"params.disks[{i}].path")
             # Marked pending until the create succeeds: only such a record is rolled back on failure.
             self.store.insert_vm(
-                vm_id, params.name, {**spec, CREATE_PENDING: True}, p.runtime_dir, VmStatus.CREATING
+                vm_id, params.name, spec, p.runtime_dir, VmStatus.CREATING, create_pending=True
             )
             rec = self._vm(vm_id)
             ctx.log("VM record created")
-        if not rec.spec.get(CREATE_PENDING):
-            return self._create_steps(ctx, params, rec, p, spec)  # exists already: never torn down
+        if not rec.create_pending:
+            return self._create_steps(ctx, params, rec, p)  # exists already: never torn down
         try:
-            return self._create_steps(ctx, params, rec, p, spec)
+            return self._create_steps(ctx, params, rec, p)
         except Exception:
             # Issue 10 item 9: a failed create leaves nothing (or an ERROR record a delete clears).
             rollback_create(ctx, self.store, self.provider, self.network, vm_id, p)
             raise
 
     def _create_steps(
-        self, ctx: ActionContext, params: A.MicroVMCreate, rec: VmRecord, p: VmPaths, spec: dict[str, Any]
+        self, ctx: ActionContext, params: A.MicroVMCreate, rec: VmRecord, p: VmPaths
     ) -> dict[str, Any]:
         vm_id = rec.vm_id
-        pending = {CREATE_PENDING: True} if rec.spec.get(CREATE_PENDING) else {}
         try:
             os.makedirs(p.runtime_dir, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -222,9 +217,8 @@ class VmService:
         nics = [(n.bridge, n.mac or stable_mac(vm_id, i)) for i, n in enumerate(params.nics)]
         planned = self.network.ensure_taps(vm_id, nics)
         taps = [n.tap for n in planned]
-        resolved = [[n.tap, n.mac, n.bridge] for n in planned]
-        if rec.taps != taps or rec.spec.get("_nics_resolved") != resolved:
-            self.store.update_vm(vm_id, taps=taps, spec={**spec, "_nics_resolved": resolved, **pending})
+        if rec.taps != taps or rec.nics != planned:
+            self.store.update_vm(vm_id, taps=taps, nics=planned)
             rec = self._vm(vm_id)
             ctx.log("TAPs ready", taps=",".join(taps))
 
@@ -256,15 +250,15 @@ class VmService:
 
         state = self._ensure_running_vmm(ctx, rec, p, boot=params.start)
         rec = self._vm(vm_id)
-        if pending:
-            self.store.update_vm(vm_id, spec={k: v for k, v in rec.spec.items() if k != CREATE_PENDING})
+        if rec.create_pending:
+            self.store.update_vm(vm_id, create_pending=False)
         return self._result(rec, state, runtime_dir=p.runtime_dir, macs=[m for _, m in nics])
 
     def start(self, ctx: ActionContext, params: A.MicroVMStart) -> dict[str, Any]:
         rec = self._vm(params.vm_id)
         p = self.paths(rec.vm_id)
         if not rec.taps and rec.spec.get("nics"):
-            raise NkudoError(f"VM {rec.vm_id} has no TAPs recorded", code="VM_BROKEN")
+            raise NkudoError(f"VM {rec.vm_id} has no TAPs recorded", code=ErrorCode.VM_BROKEN)
         state = self._ensure_running_vmm(ctx, rec, p, boot=True)
         return self._result(self._vm(rec.vm_id), state)
 
@@ -308,7 +302,7 @@ class VmService:
 
     def _require_vmm(self, rec: VmRecord) -> VmPaths:
         if not rec.process or not self.provider.is_alive(rec.process):
-            raise NkudoError(f"VM {rec.vm_id} is not running (status {rec.status})", code="VM_NOT_RUNNING")
+            raise NkudoError(f"VM {rec.vm_id} is not running (status {rec.status})", code=ErrorCode.VM_NOT_RUNNING)
         return self.paths(rec.vm_id)
 
     def pause(self, ctx: ActionContext, params: A.MicroVMPause) -> dict[str, Any]:
@@ -319,7 +313,7 @@ class VmService:
             self.provider.pause(p, timeout=max(ctx.remaining(), 0.1))
             state = VmStatus.PAUSED
         elif state != VmStatus.PAUSED:
-            raise NkudoError(f"VM {rec.vm_id} cannot be paused in state {state}", code="INVALID_STATE")
+            raise NkudoError(f"VM {rec.vm_id} cannot be paused in state {state}", code=ErrorCode.INVALID_STATE)
         self.store.update_vm(rec.vm_id, status=VmStatus.PAUSED)
         return self._result(rec, VmStatus.PAUSED)
 
@@ -330,7 +324,7 @@ class VmService:
         if state == VmStatus.PAUSED:
             self.provider.resume(p, timeout=max(ctx.remaining(), 0.1))
         elif state != VmStatus.RUNNING:
-            raise NkudoError(f"VM {rec.vm_id} cannot be resumed in state {state}", code="INVALID_STATE")
+            raise NkudoError(f"VM {rec.vm_id} cannot be resumed in state {state}", code=ErrorCode.INVALID_STATE)
         self.store.update_vm(rec.vm_id, status=VmStatus.RUNNING)
         return self._result(rec, VmStatus.RUNNING)
 
@@ -354,7 +348,7 @@ class VmService:
             if ctx.attempt == 1:
                 raise NkudoError(
                     f"snapshot {params.snapshot_name!r} of VM {rec.vm_id} already exists",
-                    code="SNAPSHOT_EXISTS",
+                    code=ErrorCode.SNAPSHOT_EXISTS,
                 )
             return {
                 "vm_id": rec.vm_id,
@@ -366,7 +360,7 @@ class VmService:
             state = self.provider.state(p, timeout=5.0)
             if state not in (VmStatus.RUNNING, VmStatus.PAUSED):
                 raise NkudoError(
-                    f"VM {rec.vm_id} cannot be snapshotted in state {state}", code="INVALID_STATE"
+                    f"VM {rec.vm_id} cannot be snapshotted in state {state}", code=ErrorCode.INVALID_STATE
                 )
             intent = {"was_running": state == VmStatus.RUNNING}
             os.makedirs(parent, mode=0o700, exist_ok=True)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from nkudo.wire.codec import WireError, convert
+from nkudo.wire.vocab import ActionType
 
 # Every pattern ends in ``\Z``, never ``$``: msgspec applies patterns with ``re.search``, and ``$`` also
 # matches just before a trailing newline, so ``"vm\n"`` would pass and name a VM no one can address again
@@ -138,21 +139,22 @@ ActionParams = (
     | CommandExecute
 )
 
+#: Keyed by ``ActionType`` (a ``str``), so a type decoded as text looks up the same entry.
 ACTION_TYPES: Final[dict[str, type[ActionParams]]] = {
-    "MicroVMCreate": MicroVMCreate,
-    "MicroVMStart": MicroVMStart,
-    "MicroVMStop": MicroVMStop,
-    "MicroVMDelete": MicroVMDelete,
-    "MicroVMPause": MicroVMPause,
-    "MicroVMResume": MicroVMResume,
-    "MicroVMSnapshot": MicroVMSnapshot,
-    "CommandExecute": CommandExecute,
+    ActionType.MICROVM_CREATE: MicroVMCreate,
+    ActionType.MICROVM_START: MicroVMStart,
+    ActionType.MICROVM_STOP: MicroVMStop,
+    ActionType.MICROVM_DELETE: MicroVMDelete,
+    ActionType.MICROVM_PAUSE: MicroVMPause,
+    ActionType.MICROVM_RESUME: MicroVMResume,
+    ActionType.MICROVM_SNAPSHOT: MicroVMSnapshot,
+    ActionType.COMMAND_EXECUTE: CommandExecute,
 }
 
 #: Default per-action timeout (seconds) the agent applies when the plan gives none.
 DEFAULT_TIMEOUTS: Final[dict[str, int]] = {
-    "MicroVMCreate": 300,
-    "MicroVMSnapshot": 600,
+    ActionType.MICROVM_CREATE: 300,
+    ActionType.MICROVM_SNAPSHOT: 600,
 }
 DEFAULT_TIMEOUT: Final = 120
 

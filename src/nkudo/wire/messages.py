@@ -15,7 +15,9 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from nkudo.vmstate import VmStatus
 from nkudo.wire.actions import Ident
+from nkudo.wire.vocab import LogLevel, ReportedStatus
 
 # Patterns end in ``\Z``, not ``$`` (which also matches before a trailing newline; issue 10 item 2).
 UUID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z"
@@ -32,9 +34,8 @@ Message = Annotated[str, msgspec.Meta(max_length=8192)]
 ERROR_CODE_PATTERN: Final = r"^[A-Z][A-Z0-9_]{0,63}\Z"
 ErrorCode = Annotated[str, msgspec.Meta(pattern=ERROR_CODE_PATTERN)]
 
-VMState = Literal["CREATING", "CREATED", "RUNNING", "STOPPED", "PAUSED", "CRASHED", "ERROR", "DELETED", "UNKNOWN"]
-ResultStatus = Literal["SUCCEEDED", "FAILED", "TIMED_OUT"]
-LogLevel = Literal["DEBUG", "INFO", "WARN", "ERROR"]
+# The value sets (VM states, result statuses, log levels, execution states) are defined once, in
+# ``nkudo.vmstate`` and ``nkudo.wire.vocab``; the JSON they produce is the same text as before.
 
 MAX_VMS_PER_HEARTBEAT: Final = 1000
 MAX_LOG_LINES: Final = 1000
@@ -103,7 +104,7 @@ class HostFacts(_Strict):
 
 class VMSummary(_Strict):
     vm_id: Ident
-    state: VMState
+    state: VmStatus
     name: Ident | None = None
     vcpus: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
     memory_mib: Annotated[int, msgspec.Meta(ge=0, le=4 * 1024 * 1024)] = 0
@@ -111,7 +112,8 @@ class VMSummary(_Strict):
 
 class ExecutionProgress(_Strict):
     execution_id: Uuid
-    state: Literal["RUNNING"] = "RUNNING"
+    #: Only progress is reported mid-action; terminal states travel as ``ActionResult``.
+    state: Literal["RUNNING"] = "RUNNING"  # ExecState.RUNNING, as the one value a Literal can name
     message: Message = ""
 
 
@@ -133,6 +135,8 @@ class HeartbeatRequest(_Strict):
 class LeasedAction(_Strict):
     execution_id: str
     action_id: str
+    #: ``str``, not ``ActionType``: an unknown type must fail that one action (reported FAILED),
+    #: not make the agent refuse the whole heartbeat answer.
     type: str
     params: dict[str, Any]
     timeout_seconds: int
@@ -160,7 +164,7 @@ class PlansNextResponse(_Strict):
 
 class ActionResult(_Strict):
     execution_id: Uuid
-    status: ResultStatus
+    status: ReportedStatus
     action_id: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     error_code: ErrorCode | None = None
     message: Message = ""
@@ -186,7 +190,7 @@ class ResultResponse(_Strict):
 class LogLine(_Strict):
     seq: Count
     message: Message
-    level: LogLevel = "INFO"
+    level: LogLevel = LogLevel.INFO
     ts: datetime | None = None
 
 

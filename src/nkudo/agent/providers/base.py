@@ -15,15 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 from nkudo import log
-from nkudo.agent.provider import LaunchSpec, VmPaths
+from nkudo.agent.provider import LaunchSpec, ProcessRecord, VmPaths, process_record
 from nkudo.errors import NkudoError, ValidationError
 from nkudo.proc import process as proc
 from nkudo.proc.errors import AdoptionRefused, ProcessError
 from nkudo.proc.identity import ProcessIdentity, check_identity, identity_after_exec
 from nkudo.proc.supervisor import Supervisor
+from nkudo.wire.vocab import ErrorCode
 
 VMM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-ExitCallback = Callable[[dict[str, Any], str, bool], None]
+ExitCallback = Callable[[ProcessRecord, str, bool], None]
 
 
 def find_processes(matches: Callable[[list[bytes]], bool]) -> list[int]:
@@ -78,13 +79,13 @@ class VmmProcessProvider:
         raise NotImplementedError
 
     def stop_recorded(
-        self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
+        self, paths: VmPaths, process: ProcessRecord | None, *, graceful_timeout: float, force: bool
     ) -> str:
         """Power off and end the recorded VMM (if it is still that process); say how, or "already"."""
         raise NotImplementedError
 
     def stop(
-        self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
+        self, paths: VmPaths, process: ProcessRecord | None, *, graceful_timeout: float, force: bool
     ) -> str:
         """Stop the recorded VMM, then end any other process carrying the VM's marker.
 
@@ -104,8 +105,8 @@ class VmmProcessProvider:
         paths: VmPaths,
         *,
         timeout: float,
-        on_spawned: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+        on_spawned: Callable[[ProcessRecord], None] | None = None,
+    ) -> ProcessRecord:
         # An agent killed between spawning a VMM and recording it leaves an unrecorded VMM on this
         # VM's socket: find it by its command line and end it, so there is never a second one
         # (and its socket is only removed once no process serves it).
@@ -119,14 +120,14 @@ class VmmProcessProvider:
             if on_spawned is not None:
                 # Durable before the VMM gets its config: no unrecorded VMM after a crash. This record
                 # may still name a launcher; the marker keeps such a VMM findable (see reconcile).
-                on_spawned(handle.identity.to_dict())
+                on_spawned(process_record(handle.identity))
             self.configure(handle, spec, paths, time.monotonic() + min(timeout, self.ready_timeout))
             self._identify_final(handle, paths)
         except BaseException:
             self._terminate(handle)
             raise
         self._supervise(handle)
-        return handle.identity.to_dict()
+        return process_record(handle.identity)
 
     def _identify_final(self, handle: proc.ProcessHandle, paths: VmPaths) -> None:
         """Re-read the identity once the VMM answers: a launcher has exec'd the real binary by now."""
@@ -136,11 +137,11 @@ class VmmProcessProvider:
             raise NkudoError(
                 f"the VMM serving {paths.api_socket} cannot be identified after start-up ({exc}); "
                 f"a launcher given as the hypervisor binary must exec it with all its arguments",
-                code="VMM_START_FAILED",
+                code=ErrorCode.VMM_START_FAILED,
             ) from None
         if handle.poll() is not None:  # pidfd: the pid read above was still this child's
             raise NkudoError(
-                f"VMM exited during start-up ({handle.status}); see {paths.vmm_log}", code="VMM_START_FAILED"
+                f"VMM exited during start-up ({handle.status}); see {paths.vmm_log}", code=ErrorCode.VMM_START_FAILED
             )
         if final.exe != handle.identity.exe:
             self.log.info("VMM identity recorded after exec", pid=final.pid, spawned=handle.identity.exe,
@@ -154,14 +155,14 @@ class VmmProcessProvider:
             if handle.poll() is not None:
                 raise NkudoError(
                     f"VMM exited during start-up ({handle.status}); see {paths.vmm_log}",
-                    code="VMM_START_FAILED",
+                    code=ErrorCode.VMM_START_FAILED,
                 )
             try:
                 return probe(min(0.5, max(deadline - time.monotonic(), 0.01)))
             except retry_on:
                 if time.monotonic() >= deadline:
                     raise NkudoError(
-                        f"VMM control socket {paths.api_socket} not ready in time", code="VMM_START_FAILED"
+                        f"VMM control socket {paths.api_socket} not ready in time", code=ErrorCode.VMM_START_FAILED
                     ) from None
                 time.sleep(0.005)
 
@@ -170,7 +171,7 @@ class VmmProcessProvider:
     def _supervise(self, h: proc.ProcessHandle) -> None:
         if self._supervisor is None or self._on_exit is None:
             return
-        record = h.identity.to_dict()
+        record = process_record(h.identity)
         cb = self._on_exit
 
         def exited(handle: proc.ProcessHandle, status: proc.ExitStatus) -> None:
@@ -179,7 +180,7 @@ class VmmProcessProvider:
 
         self._supervisor.watch(h, exited)
 
-    def watch(self, process: dict[str, Any]) -> bool:
+    def watch(self, process: ProcessRecord) -> bool:
         """Supervise an already running VMM (after adoption); False if it is not alive."""
         h = self._handle(process)
         if h is None:
@@ -192,7 +193,7 @@ class VmmProcessProvider:
             self._supervisor.close()
             self._supervisor = None
 
-    def _handle(self, process: dict[str, Any]) -> proc.ProcessHandle | None:
+    def _handle(self, process: ProcessRecord) -> proc.ProcessHandle | None:
         ident = ProcessIdentity.from_dict(process)
         h = self._handles.get(ident.pid)
         if h is not None and h.identity == ident and h.poll() is None:
@@ -204,7 +205,7 @@ class VmmProcessProvider:
         self._handles[ident.pid] = h
         return h
 
-    def is_alive(self, process: dict[str, Any] | None) -> bool:
+    def is_alive(self, process: ProcessRecord | None) -> bool:
         if not process:
             return False
         h = self._handles.get(int(process.get("pid", 0)))
@@ -216,7 +217,7 @@ class VmmProcessProvider:
         except (AdoptionRefused, ProcessError, ValueError, KeyError):
             return False
 
-    def _stopping(self, process: dict[str, Any] | None) -> proc.ProcessHandle | None:
+    def _stopping(self, process: ProcessRecord | None) -> proc.ProcessHandle | None:
         """The handle of a VMM about to be stopped on purpose (unwatched: its exit is not a crash)."""
         try:
             h = self._handle(process) if process else None
@@ -256,7 +257,7 @@ class VmmProcessProvider:
                     raise NkudoError(
                         f"VMM process(es) {', '.join(map(str, left))} serving {paths.api_socket} "
                         f"could not be ended within {timeout:.0f}s",
-                        code="VMM_STILL_RUNNING",
+                        code=ErrorCode.VMM_STILL_RUNNING,
                     )
             time.sleep(0.01)
         return ended

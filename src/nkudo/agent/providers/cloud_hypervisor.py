@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from nkudo.agent.provider import LaunchSpec, VmPaths
+from nkudo.agent.provider import LaunchSpec, ProcessRecord, VmPaths
 from nkudo.agent.providers.base import ExitCallback, VmmProcessProvider
-from nkudo.chapi import ChApiError, ChClient, ChTransportError, wait_ready
+from nkudo.chapi import ChApiError, ChClient, ChTransportError, NotFoundError, wait_ready
 from nkudo.proc import process as proc
 from nkudo.vmstate import VmStatus
 
@@ -87,10 +87,8 @@ class CloudHypervisorProvider(VmmProcessProvider):
             info = self._client(paths).info(timeout=timeout)
         except ChTransportError:
             return None
-        except ChApiError as exc:
-            if exc.code in ("CH_NOT_FOUND", "CH_VM_NOT_CREATED"):
-                return None
-            raise
+        except NotFoundError:  # no VM (config) in this VMM yet (``VmNotCreatedError`` is one too)
+            return None
         return _STATES.get(info.state, VmStatus.ERROR)
 
     def boot(self, paths: VmPaths, *, timeout: float) -> None:
@@ -106,7 +104,7 @@ class CloudHypervisorProvider(VmmProcessProvider):
         self._client(paths).snapshot(dest_dir, timeout=timeout)
 
     def stop_recorded(
-        self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
+        self, paths: VmPaths, process: ProcessRecord | None, *, graceful_timeout: float, force: bool
     ) -> str:
         h = self._stopping(process)
         if h is None:

@@ -37,12 +37,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nkudo.agent.provider import LaunchSpec, VmPaths
+from nkudo.agent.provider import LaunchSpec, ProcessRecord, VmPaths
 from nkudo.agent.providers.base import ExitCallback, VmmProcessProvider
 from nkudo.errors import NkudoError
 from nkudo.proc import process as proc
 from nkudo.qmp import QmpClient, QmpCommandError, QmpConnectionClosedError, QmpError, QmpTransportError
 from nkudo.vmstate import VmStatus
+from nkudo.wire.vocab import ErrorCode
 
 ACCELS = ("auto", "kvm", "tcg")
 SNAPSHOT_FILE = "vmstate.bin"
@@ -85,7 +86,7 @@ def choose_accel(requested: str, kvm_device: str = "/dev/kvm") -> tuple[str, str
     """(accel, reason) for ``requested`` in :data:`ACCELS` (see the module docstring for ``auto``)."""
     if requested not in ACCELS:
         raise NkudoError(
-            f"--qemu-accel must be one of {', '.join(ACCELS)} (got {requested!r})", code="INVALID_ARGUMENT"
+            f"--qemu-accel must be one of {', '.join(ACCELS)} (got {requested!r})", code=ErrorCode.INVALID_ARGUMENT
         )
     if requested != "auto":
         return requested, "requested"
@@ -140,7 +141,7 @@ def qemu_argv(
              "-mon", "chardev=qmp,mode=control"]  # fmt: skip
     for arg in argv[1:]:
         if "\0" in arg:
-            raise NkudoError("QEMU arguments must not contain NUL bytes", code="INVALID_ARGUMENT")
+            raise NkudoError("QEMU arguments must not contain NUL bytes", code=ErrorCode.INVALID_ARGUMENT)
     return argv
 
 
@@ -159,7 +160,7 @@ class QemuProvider(VmmProcessProvider):
         super().__init__(binary, ready_timeout=ready_timeout, on_exit=on_exit, component="provider.qemu")
         if accel not in ACCELS:
             raise NkudoError(
-                f"--qemu-accel must be one of {', '.join(ACCELS)} (got {accel!r})", code="INVALID_ARGUMENT"
+                f"--qemu-accel must be one of {', '.join(ACCELS)} (got {accel!r})", code=ErrorCode.INVALID_ARGUMENT
             )
         self.requested_accel = accel
         self.kvm_device = kvm_device
@@ -201,12 +202,12 @@ class QemuProvider(VmmProcessProvider):
         paths: VmPaths,
         *,
         timeout: float,
-        on_spawned: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+        on_spawned: Callable[[ProcessRecord], None] | None = None,
+    ) -> ProcessRecord:
         t0 = time.perf_counter()
         times: dict[str, float] = {}
 
-        def spawned(record: dict[str, Any]) -> None:
+        def spawned(record: ProcessRecord) -> None:
             times["spawned"] = time.perf_counter()
             if on_spawned is not None:
                 on_spawned(record)  # durable before QEMU is driven: no unrecorded VMM after a crash
@@ -233,7 +234,7 @@ class QemuProvider(VmmProcessProvider):
         status = self.wait_until(handle, paths, deadline, probe, QmpTransportError)
         if status != "prelaunch":
             raise NkudoError(
-                f"QEMU started in state {status!r}, expected 'prelaunch'", code="VMM_START_FAILED"
+                f"QEMU started in state {status!r}, expected 'prelaunch'", code=ErrorCode.VMM_START_FAILED
             )
 
     def state(self, paths: VmPaths, *, timeout: float) -> VmStatus | None:
@@ -286,12 +287,12 @@ class QemuProvider(VmmProcessProvider):
                     if st in ("failed", "cancelled"):
                         raise NkudoError(
                             f"snapshot migration {st}: {info.get('error-desc', 'no reason given')}",
-                            code="SNAPSHOT_FAILED",
+                            code=ErrorCode.SNAPSHOT_FAILED,
                         )
                     if time.monotonic() >= deadline:
                         c.execute("migrate_cancel")
                         raise NkudoError(
-                            f"snapshot did not complete within {timeout:g}s", code="SNAPSHOT_FAILED"
+                            f"snapshot did not complete within {timeout:g}s", code=ErrorCode.SNAPSHOT_FAILED
                         )
                     time.sleep(0.02)
                 _fsync_path(dest)
@@ -316,7 +317,7 @@ class QemuProvider(VmmProcessProvider):
                     c.execute("cont")
 
     def stop_recorded(
-        self, paths: VmPaths, process: dict[str, Any] | None, *, graceful_timeout: float, force: bool
+        self, paths: VmPaths, process: ProcessRecord | None, *, graceful_timeout: float, force: bool
     ) -> str:
         h = self._stopping(process)
         if h is None:
