@@ -31,8 +31,13 @@ typecheck: build
 pytest: build
 	$(BIN)/pytest -q tests
 
+# The record of a run: pytest-benchmark's JSON (its commit_info names the commit and whether the
+# tree was dirty; each gate's ratio and inputs are in its extra_info).
+BENCH_JSON = .benchmarks/run-$(shell git rev-parse HEAD 2>/dev/null || echo unversioned).json
+
 bench: build
-	$(BIN)/pytest -q benchmarks --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-columns=min,median,max,rounds
+	mkdir -p .benchmarks
+	$(BIN)/pytest -q benchmarks --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-columns=min,median,max,rounds --benchmark-json=$(BENCH_JSON)
 
 test: lint typecheck pytest bench
 

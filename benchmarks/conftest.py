@@ -1,8 +1,18 @@
-"""Helpers for ratio gates: both sides measured in the same run, numbers recorded.
+"""Helpers for the performance gates: one way to time, one record of a run.
 
-Every gate appends its numbers to ``.benchmarks/gates.jsonl`` (and prints them)
-so closing notes quote what was measured, with the command that produced it and
-the commit it measured (``commit``, ``dirty``).
+Every gate times its body with pytest-benchmark's ``benchmark`` fixture, so the
+record of a run is pytest-benchmark's JSON (``make bench`` writes
+``.benchmarks/run-<commit>.json`` with ``--benchmark-json``; its ``commit_info``
+names the commit measured and whether the tree was dirty). Each gate puts its
+ratio and the inputs of that ratio in ``benchmark.extra_info`` (:func:`record`),
+so the closing notes quote the JSON rather than a hand-written log.
+
+A ratio gate compares two or more things in the same run, and a test can use the
+fixture only once. :func:`time_sides` therefore times the gated side with
+``benchmark.pedantic`` and the comparison sides in the fixture's ``setup`` hook,
+round-robin, with the fixture's own timer: every side sees the same machine
+noise and the same clock, and the primary side's statistics are the fixture's.
+:func:`time_alongside` times a reported (not gated) figure with that same timer.
 
 Every measured operation must prove it succeeded on every run (:func:`checked`,
 :func:`command_runner`): a command that fails fast would otherwise "pass" a
@@ -11,23 +21,21 @@ speed gate precisely because it did no work.
 
 from __future__ import annotations
 
-import functools
-import json
-import os
+import gc
 import re
 import statistics
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from tests.conftest import ci_skip_guard
 
-ROOT = Path(__file__).resolve().parent.parent
-GATES = ROOT / ".benchmarks" / "gates.jsonl"
 T = TypeVar("T")
+# pytest-benchmark's fixture has no type annotations; the helpers below are its typed face.
+Benchmark = Any
 
 pytest_runtest_makereport = ci_skip_guard
 
@@ -54,6 +62,7 @@ def command_runner(
     ok_codes: tuple[int, ...] = (0,),
     stdout_pattern: str | None = None,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Callable[[], subprocess.CompletedProcess[str]]:
     """A callable that runs ``argv`` once and fails unless it exited with one of ``ok_codes``.
 
@@ -65,7 +74,7 @@ def command_runner(
     pattern = re.compile(stdout_pattern) if stdout_pattern is not None else None
 
     def run() -> subprocess.CompletedProcess[str]:
-        r = subprocess.run(args, capture_output=True, text=True, check=False, env=env)
+        r = subprocess.run(args, capture_output=True, text=True, check=False, env=env, cwd=cwd)
         if r.returncode not in ok_codes:
             raise GateRunFailed(
                 f"{' '.join(args)} exited {r.returncode} (expected {ok_codes}): {r.stderr[-1000:]}"
@@ -79,80 +88,137 @@ def command_runner(
     return run
 
 
-@functools.cache
-def commit_info(root: Path = ROOT) -> dict[str, object]:
-    """The commit a gate measured and whether the tree had uncommitted changes.
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one measured side: min, median and p99 over ``rounds`` rounds."""
 
-    ``commit`` and ``dirty`` are None outside a git checkout (e.g. an unpacked
-    sdist): the numbers are still recorded, but cannot be tied to a commit.
+    min: float
+    median: float
+    p99: float
+    rounds: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float], per_call: int = 1) -> Timing:
+        s = sorted(x / per_call for x in samples)
+        if not s:
+            raise GateRunFailed("no timed rounds: the side was never measured")
+        return cls(s[0], statistics.median(s), s[min(len(s) - 1, int(len(s) * 0.99))], len(s))
+
+    @property
+    def median_ms(self) -> float:
+        return round(self.median * 1e3, 3)
+
+    @property
+    def median_us(self) -> float:
+        return round(self.median * 1e6, 2)
+
+
+def _timer(benchmark: Benchmark) -> Callable[[], float]:
+    """The clock the fixture times with (``--benchmark-timer`` or the test's ``benchmark`` mark)."""
+    timer: Callable[[], float] = benchmark._timer
+    return timer
+
+
+def _require_enabled(benchmark: Benchmark) -> None:
+    if benchmark.disabled:  # --benchmark-disable, or xdist: the fixture runs once and times nothing
+        pytest.skip("benchmark timing is disabled: a gate without figures cannot pass or fail")
+
+
+def fixture_timing(benchmark: Benchmark, per_call: int = 1) -> Timing:
+    """The fixture's own statistics of the primary side, per call."""
+    stats = benchmark.stats
+    if stats is None:
+        raise GateRunFailed("the benchmark fixture recorded no timing")
+    return Timing.of(stats.stats.data, per_call)
+
+
+def time_sides(
+    benchmark: Benchmark,
+    sides: Mapping[str, Callable[[], object]],
+    *,
+    primary: str,
+    rounds: int,
+    warmup_rounds: int = 2,
+    per_call: int = 1,
+    between: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Time ``sides[primary]`` with ``benchmark.pedantic`` and the other sides interleaved with it.
+
+    Each round runs every other side once (in the fixture's untimed ``setup``,
+    timed here with the fixture's clock) and then the primary side (timed by the
+    fixture). ``between`` runs untimed after every timed call of any side (e.g.
+    reaping a child). ``per_call`` divides a round that makes that many calls.
+    An exception from any side (:class:`GateRunFailed`) fails the gate.
     """
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False, timeout=30
-        )
-        if head.returncode != 0:
-            return {"commit": None, "dirty": None}
-        status = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True, timeout=60
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    _require_enabled(benchmark)
+    timer = _timer(benchmark)
+    disable_gc = bool(getattr(benchmark, "_disable_gc", False))
+    others = {k: fn for k, fn in sides.items() if k != primary}
+    samples: dict[str, list[float]] = {k: [] for k in others}
+    setups = 0
+
+    def setup() -> None:
+        nonlocal setups
+        keep = setups >= warmup_rounds
+        setups += 1
+        for k, fn in others.items():
+            gc_was = gc.isenabled()
+            if disable_gc:
+                gc.disable()
+            try:
+                t0 = timer()
+                fn()
+                dt = timer() - t0
+            finally:
+                if gc_was:
+                    gc.enable()
+            if between is not None:
+                between()
+            if keep and len(samples[k]) < rounds:
+                samples[k].append(dt)
+
+    benchmark.pedantic(
+        sides[primary],
+        setup=setup,
+        teardown=between,
+        rounds=rounds,
+        warmup_rounds=warmup_rounds,
+    )
+    out = {primary: fixture_timing(benchmark, per_call)}
+    out.update({k: Timing.of(v, per_call) for k, v in samples.items()})
+    return {k: out[k] for k in sides}
 
 
-def timed(fn: Callable[[], object], *, rounds: int, warmup: int = 3, per_round: int = 1) -> dict[str, float]:
-    """Per-call seconds over ``rounds`` rounds (each ``per_round`` calls): min/median/p99."""
-    for _ in range(warmup):
+def time_alongside(
+    benchmark: Benchmark, fn: Callable[[], object], *, rounds: int, warmup_rounds: int = 0, per_call: int = 1
+) -> Timing:
+    """Time a reported figure next to the gate, with the fixture's clock (the fixture is used once)."""
+    _require_enabled(benchmark)
+    timer = _timer(benchmark)
+    for _ in range(warmup_rounds):
         fn()
     samples: list[float] = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(per_round):
-            fn()
-        samples.append((time.perf_counter() - t0) / per_round)
-    samples.sort()
-    return {
-        "min": samples[0],
-        "median": statistics.median(samples),
-        "p99": samples[min(len(samples) - 1, int(len(samples) * 0.99))],
-        "rounds": float(rounds),
-    }
+        t0 = timer()
+        fn()
+        samples.append(timer() - t0)
+    return Timing.of(samples, per_call)
 
 
-def interleaved(
-    fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2
-) -> dict[str, dict[str, float]]:
-    """Measure several callables round-robin so machine noise hits them equally."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - t0)
-    out: dict[str, dict[str, float]] = {}
-    for k, s in samples.items():
-        s.sort()
-        out[k] = {"min": s[0], "median": statistics.median(s), "p99": s[min(len(s) - 1, int(len(s) * 0.99))]}
-    return out
+def time_window(benchmark: Benchmark, fn: Callable[[], T]) -> tuple[T, float]:
+    """Run ``fn`` once under the fixture (one round): its result and its wall seconds.
+
+    For gates whose figures are not a repeatable timing (a soak, a latency
+    distribution, numbers measured in another process): the fixture times the
+    window the figures were taken over, and the figures go in ``extra_info``.
+    """
+    _require_enabled(benchmark)
+    result: T = benchmark.pedantic(fn, rounds=1)
+    return result, fixture_timing(benchmark).median
 
 
-def record_gate(name: str, **numbers: object) -> None:
-    GATES.parent.mkdir(parents=True, exist_ok=True)
-    line = {
-        "gate": name,
-        "ts": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "pid": os.getpid(),
-        **commit_info(),
-        **numbers,
-    }
-    with GATES.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(line, default=str) + "\n")
-    print(f"\nGATE {name}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
-
-
-@pytest.fixture
-def gate() -> Callable[..., None]:
-    return record_gate
+def record(benchmark: Benchmark, gate: str, **numbers: object) -> None:
+    """Put a gate's figures (its ratio and the inputs of it) in the run's record, and print them."""
+    benchmark.extra_info["gate"] = gate
+    benchmark.extra_info.update(numbers)
+    print(f"\nGATE {gate}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))

@@ -12,14 +12,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from tests.conftest import entered_netns, skip_or_fail
 
-from benchmarks.conftest import timed
+from benchmarks.conftest import Benchmark, GateRunFailed, fixture_timing, record, time_alongside, time_window
 from nkudo.agent.daemon import Daemon, DaemonConfig
 from nkudo.agent.identity import Identity, Pki
 from nkudo.agent.runtime import Agent, AgentConfig
@@ -28,7 +26,12 @@ from nkudo.vmstate import VmStatus
 SOAK = float(os.environ.get("NKUDO_SOAK_SECONDS", "60"))
 
 
-def test_heartbeat_build_50_vms(tmp_path: Path, gate: Callable[..., None], benchmark: Any) -> None:
+def test_heartbeat_build_50_vms(tmp_path: Path, benchmark: Benchmark) -> None:
+    """Gate: building a steady-state heartbeat with 50 VMs takes < 5 ms (median of 200 rounds).
+
+    The fixture times the steady build; the amortised cost with host facts every
+    40th heartbeat is reported alongside, timed after it with the same clock.
+    """
     agent = Agent(
         AgentConfig(
             state_dir=str(tmp_path / "s"), runtime_dir=str(tmp_path / "v"), snapshot_dir=str(tmp_path / "n")
@@ -51,21 +54,23 @@ def test_heartbeat_build_50_vms(tmp_path: Path, gate: Callable[..., None], bench
         d = Daemon(agent, ident, Pki(str(tmp_path / "pki")), None, DaemonConfig())  # type: ignore[arg-type]
         d.build_heartbeat()  # first one carries host facts
         d.seq = 1
-        steady = timed(d.build_heartbeat, rounds=200)
+
+        def steady_heartbeat() -> None:
+            if len(d.build_heartbeat().vms) != 50:
+                raise GateRunFailed("heartbeat did not carry the 50 VMs")
+
+        benchmark.pedantic(steady_heartbeat, rounds=200, warmup_rounds=3)
+        steady = fixture_timing(benchmark)
 
         def next_heartbeat() -> None:
             d.build_heartbeat()
             d.seq += 1
 
-        amortised = timed(next_heartbeat, rounds=200)
-        req = d.build_heartbeat()
-        assert len(req.vms) == 50
-        gate("heartbeat_build_50_vms", steady_median_ms=round(steady["median"] * 1000, 3), steady_p99_ms=round(steady["p99"] * 1000, 3),
-             with_facts_every_40_median_ms=round(amortised["median"] * 1000, 3), with_facts_every_40_p99_ms=round(amortised["p99"] * 1000, 3))  # fmt: skip
-        benchmark(d.build_heartbeat)
-        assert steady["median"] < 0.005, (
-            f"heartbeat build took {steady['median'] * 1000:.2f} ms with 50 VMs (gate 5 ms)"
-        )
+        amortised = time_alongside(benchmark, next_heartbeat, rounds=200, warmup_rounds=3)
+        record(benchmark, "heartbeat_build_50_vms", steady_median_ms=round(steady.median * 1000, 3), steady_p99_ms=round(steady.p99 * 1000, 3),
+               with_facts_every_40_median_ms=round(amortised.median * 1000, 3), with_facts_every_40_p99_ms=round(amortised.p99 * 1000, 3),
+               limit_median_ms=5)  # fmt: skip
+        assert steady.median < 0.005, f"heartbeat build took {steady.median * 1000:.2f} ms with 50 VMs (gate 5 ms)"
     finally:
         agent.close()
 
@@ -83,9 +88,14 @@ def _rss_kb(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_run_with_50_vms_memory_and_idle_cpu(
-    tmp_path: Path, gate: Callable[..., None], benchmark: Any
-) -> None:
+def test_run_with_50_vms_memory_and_idle_cpu(tmp_path: Path, benchmark: Benchmark) -> None:
+    """Gates: `nkudo-edge run` with 50 live VMMs holds <= 45 MB RSS and < 0.5% of a core while idle.
+
+    A soak, not a repeatable timing: the figures are the agent process's CPU and
+    RSS over one long idle window, read from /proc. The fixture times that window
+    once (its wall is the CPU percentage's denominator); the figures are in
+    ``extra_info``.
+    """
     if os.geteuid() != 0:
         skip_or_fail("needs root for a network namespace")
     from tests.cp.helpers import new_tenant, start_server
@@ -122,10 +132,14 @@ def test_run_with_50_vms_memory_and_idle_cpu(
             wait_for(lambda: json.loads(host.edge("status", "--json", "--pki-dir", str(host.pki)).stdout)["connection"]["status"] == "connected",
                      what="first heartbeat")  # fmt: skip
             time.sleep(2)
-            cpu0, t0 = _cpu_seconds(agent_proc.pid), time.monotonic()
-            time.sleep(SOAK)
-            cpu = _cpu_seconds(agent_proc.pid) - cpu0
-            wall = time.monotonic() - t0
+            pid = agent_proc.pid
+
+            def soak() -> float:
+                cpu0 = _cpu_seconds(pid)
+                time.sleep(SOAK)
+                return _cpu_seconds(pid) - cpu0
+
+            cpu, wall = time_window(benchmark, soak)
             rss_mb = _rss_kb(agent_proc.pid) / 1024
             assert agent_proc.poll() is None
             assert len(host.vmm_pids()) == 50
@@ -135,9 +149,9 @@ def test_run_with_50_vms_memory_and_idle_cpu(
             assert bare.returncode == 0, bare.stderr[-2000:]
             bare_mb = int(bare.stderr.strip().splitlines()[-1]) / 1024
         cpu_pct = cpu / wall * 100
-        gate("agent_run_50_vms", soak_s=round(wall), rss_mb=round(rss_mb, 1), bare_python_rss_mb=round(bare_mb, 1),
-             cpu_percent_of_one_core=round(cpu_pct, 3), heartbeat_interval_s=15, vms=50)  # fmt: skip
-        benchmark.extra_info.update(rss_mb=rss_mb, cpu_pct=cpu_pct)
+        record(benchmark, "agent_run_50_vms", soak_s=round(wall), agent_cpu_s=round(cpu, 3), rss_mb=round(rss_mb, 1),
+               bare_python_rss_mb=round(bare_mb, 1), cpu_percent_of_one_core=round(cpu_pct, 3), heartbeat_interval_s=15,
+               vms=50, limit_rss_mb=45, limit_cpu_percent=0.5)  # fmt: skip
         assert rss_mb <= 45, f"agent RSS {rss_mb:.1f} MB with 50 VMs (gate 45 MB)"
         assert cpu_pct < 0.5, f"agent used {cpu_pct:.2f}% of a core while idle (gate 0.5%)"
     finally:

@@ -4,7 +4,9 @@ Gate: client-side CPU time (``time.thread_time`` in this process) of the native
 transport is at most one third of ``http.client``'s (an ``HTTPConnection``
 subclass over AF_UNIX doing the same ``GET /api/v1/vmm.ping``). Round-trip
 time is reported against the raw-socket floor (hand-written send/recv of the
-same bytes). Both sides are measured in the same run, interleaved.
+same bytes). All sides are measured in the same run, interleaved: the fixture
+times the native client, the others are timed between its rounds with the
+fixture's clock (``time_sides``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 from tests.chsim.simproc import Sim
 
-from benchmarks.conftest import GateRunFailed, checked, interleaved, record_gate
+from benchmarks.conftest import Benchmark, GateRunFailed, checked, record, time_sides
 from nkudo import _native
 from nkudo.chapi import ChClient, codec
 
@@ -96,50 +98,55 @@ def _callables(path: str) -> dict[str, Callable[[], object]]:
     }
 
 
-def _cpu_per_call(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: int) -> dict[str, float]:
-    """Lowest per-round client-thread CPU seconds per call, measured round-robin.
+PER_ROUND = 100
 
-    The minimum, not the median: CPU time only grows with interference (cache and
-    scheduler noise from other load on a 2-core host), so the lowest round of each
-    side is the best estimate of its own cost, and both sides get the same treatment.
-    """
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        for _ in range(20):
+
+def _batch(fn: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(PER_ROUND):
             fn()
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = time.thread_time()
-            for _ in range(per_round):
-                fn()
-            samples[k].append((time.thread_time() - t0) / per_round)
-    return {k: min(v) for k, v in samples.items()}
+
+    return run
 
 
-def test_cpu_native_vs_http_client(sim_socket: str) -> None:
+@pytest.mark.benchmark(timer=time.thread_time)
+def test_cpu_native_vs_http_client(sim_socket: str, benchmark: Benchmark) -> None:
+    """Gate: native client CPU per request <= 1/3 of http.client's.
+
+    Timed with the client thread's CPU clock (``time.thread_time``, set by the
+    ``benchmark`` mark), 40 rounds of 100 requests per side. Compared on the
+    lowest round, not the median: CPU time only grows with interference (cache
+    and scheduler noise from other load on a 2-core host), so the lowest round
+    of each side is the best estimate of its own cost, and every side gets the
+    same treatment.
+    """
     fns = _callables(sim_socket)
-    cpu = _cpu_per_call(fns, rounds=40, per_round=100)
-    us = {k: round(v * 1e6, 2) for k, v in cpu.items()}
-    ratio = cpu["native"] / cpu["http_client"]
-    record_gate(
+    res = time_sides(
+        benchmark, {k: _batch(fn) for k, fn in fns.items()}, primary="native", rounds=40, warmup_rounds=1,
+        per_call=PER_ROUND,
+    )  # fmt: skip
+    us = {k: round(v.min * 1e6, 2) for k, v in res.items()}
+    ratio = res["native"].min / res["http_client"].min
+    record(
+        benchmark,
         "chapi_client_cpu_per_request",
         native_us=us["native"], python_us=us["python"], http_client_us=us["http_client"],
         raw_floor_us=us["raw_floor"], native_over_http_client=round(ratio, 3), limit=round(1 / 3, 3),
-        command="pytest -q benchmarks/test_chapi_bench.py",
-    )
+    )  # fmt: skip
     assert ratio <= 1 / 3, us
 
 
-def test_rtt_against_raw_floor(sim_socket: str) -> None:
+def test_rtt_against_raw_floor(sim_socket: str, benchmark: Benchmark) -> None:
+    """Round trip per request, median of 1500 interleaved rounds; native must not be slower than http.client."""
     fns = _callables(sim_socket)
-    res = interleaved(fns, rounds=1500)
-    med = {k: round(v["median"] * 1e6, 1) for k, v in res.items()}
-    record_gate(
+    res = time_sides(benchmark, fns, primary="native", rounds=1500)
+    med = {k: v.median_us for k, v in res.items()}
+    record(
+        benchmark,
         "chapi_rtt",
         native_us=med["native"], python_us=med["python"], http_client_us=med["http_client"],
         raw_floor_us=med["raw_floor"], native_over_floor=round(med["native"] / med["raw_floor"], 3),
         http_client_over_floor=round(med["http_client"] / med["raw_floor"], 3),
-        command="pytest -q benchmarks/test_chapi_bench.py",
-    )
+    )  # fmt: skip
     # Reported, not gated tightly: the server (a Python process) dominates the round trip.
     assert med["native"] <= med["http_client"]

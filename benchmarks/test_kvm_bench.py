@@ -1,4 +1,9 @@
-"""KVM probe gate: the native probe at least 1.5× faster than its twin (same run)."""
+"""KVM probe gate: the native probe at least 1.5× faster than its twin (same run).
+
+The fixture times the native probe; the twin is timed between its rounds with
+the fixture's clock (``time_sides``). The probe with KVM_CREATE_VM is kernel work
+neither side can speed up: it is reported by its own benchmark, not gated.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from tests.conftest import skip_or_fail
 
-from benchmarks.conftest import GateRunFailed, checked, interleaved
+from benchmarks.conftest import Benchmark, GateRunFailed, checked, record, time_sides
 from nkudo import _native
 from nkudo.host import kvm
 
@@ -47,44 +52,54 @@ def _probe_ok(*, create_vm: bool) -> Callable[[kvm.RawProbe], None]:
     return ok
 
 
+PER_ROUND = 50
+
+
 def test_kvm_probe_native_vs_twin(
-    native_probe: Callable[[str, list[int], bool], kvm.RawProbe],
-    benchmark: pytest.FixtureRequest,
-    gate: Callable[..., None],
+    native_probe: Callable[[str, list[int], bool], kvm.RawProbe], benchmark: Benchmark
 ) -> None:
-    per = 50
+    """Gate: native probe (no VM created) >= 1.5x faster than the twin, median of 40 rounds of 50 probes."""
     # A probe that cannot open /dev/kvm returns an errno at once: every result must be a full probe.
     ok = _probe_ok(create_vm=False)
 
     def nat() -> None:
-        for _ in range(per):
+        for _ in range(PER_ROUND):
             ok(native_probe("/dev/kvm", CAPS, False))
 
     def twin() -> None:
-        for _ in range(per):
+        for _ in range(PER_ROUND):
             ok(kvm._probe_py("/dev/kvm", CAPS, False))
 
-    res = interleaved({"native": nat, "twin": twin}, rounds=40)
-    ratio = res["twin"]["median"] / res["native"]["median"]
-    # KVM_CREATE_VM is kernel work (~0.6 ms here) that neither side can speed up: reported, not gated.
-    res_vm = interleaved(
+    res = time_sides(benchmark, {"native": nat, "twin": twin}, primary="native", rounds=40, per_call=PER_ROUND)
+    ratio = res["twin"].median / res["native"].median
+    record(
+        benchmark,
+        "kvm_probe",
+        native_us=res["native"].median_us,
+        twin_us=res["twin"].median_us,
+        speedup=round(ratio, 2),
+        caps_probed=len(CAPS),
+        limit_speedup=1.5,
+    )
+    assert ratio >= 1.5, f"native KVM probe only {ratio:.2f}x faster than the twin (gate 1.5x)"
+
+
+def test_kvm_probe_with_create_vm_report(
+    native_probe: Callable[[str, list[int], bool], kvm.RawProbe], benchmark: Benchmark
+) -> None:
+    """Reported, not gated: with KVM_CREATE_VM (~0.6 ms of kernel work) both sides cost about the same."""
+    res = time_sides(
+        benchmark,
         {
-            "native": checked(
-                lambda: native_probe("/dev/kvm", CAPS, True), _full_probe(True), "native probe"
-            ),
+            "native": checked(lambda: native_probe("/dev/kvm", CAPS, True), _full_probe(True), "native probe"),
             "twin": checked(lambda: kvm._probe_py("/dev/kvm", CAPS, True), _full_probe(True), "twin probe"),
         },
+        primary="native",
         rounds=40,
     )
-    gate(
-        "kvm_probe",
-        native_us=round(res["native"]["median"] / per * 1e6, 2),
-        twin_us=round(res["twin"]["median"] / per * 1e6, 2),
-        speedup=round(ratio, 2),
-        with_create_vm_native_us=round(res_vm["native"]["median"] * 1e6, 1),
-        with_create_vm_twin_us=round(res_vm["twin"]["median"] * 1e6, 1),
-        caps_probed=len(CAPS),
+    record(
+        benchmark,
+        "kvm_probe_create_vm",
+        with_create_vm_native_us=round(res["native"].median * 1e6, 1),
+        with_create_vm_twin_us=round(res["twin"].median * 1e6, 1),
     )
-    benchmark.extra_info["speedup"] = ratio  # type: ignore[attr-defined]
-    benchmark(native_probe, "/dev/kvm", CAPS, False)  # type: ignore[operator]
-    assert ratio >= 1.5, f"native KVM probe only {ratio:.2f}x faster than the twin (gate 1.5x)"

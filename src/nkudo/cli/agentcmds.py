@@ -9,19 +9,20 @@ import socket
 import sys
 from typing import Any
 
-from nkudo.cli.output import print_json
+from nkudo.cli.output import print_json, report_failure, report_stop
 from nkudo.errors import NkudoError, UsageError, ValidationError
+from nkudo.wire.vocab import ErrorCode
 
 #: What to tell the operator for each enrollment error code.
-ENROLL_ADVICE = {
-    "TOKEN_INVALID": "The enrollment token is not valid. Create a new one (nkudo-control-plane token create) and retry.",
-    "TOKEN_EXPIRED": "The enrollment token has expired (tokens are valid for 15 minutes). Create a new one and retry.",
-    "TOKEN_ALREADY_USED": "The enrollment token was already used: each token enrolls one host. Create a new one.",
-    "HOST_ALREADY_ENROLLED": "The control plane already has an agent for this host name in this site; "
+ENROLL_ADVICE: dict[str, str] = {  # keyed by ErrorCode (a str): looked up with the code of the error
+    ErrorCode.TOKEN_INVALID: "The enrollment token is not valid. Create a new one (nkudo-control-plane token create) and retry.",
+    ErrorCode.TOKEN_EXPIRED: "The enrollment token has expired (tokens are valid for 15 minutes). Create a new one and retry.",
+    ErrorCode.TOKEN_ALREADY_USED: "The enrollment token was already used: each token enrolls one host. Create a new one.",
+    ErrorCode.HOST_ALREADY_ENROLLED: "The control plane already has an agent for this host name in this site; "
     "unenroll it there first, or enroll with --hostname.",
-    "INVALID_CSR": "The control plane refused the certificate request; this is a bug, please report it.",
-    "CP_UNREACHABLE": "Check the --control-plane URL, DNS and firewall, then retry.",
-    "CP_TLS_UNTRUSTED": "Pass --ca-file with the CA certificate of the control plane (or --insecure-skip-verify for development).",
+    ErrorCode.INVALID_CSR: "The control plane refused the certificate request; this is a bug, please report it.",
+    ErrorCode.CP_UNREACHABLE: "Check the --control-plane URL, DNS and firewall, then retry.",
+    ErrorCode.CP_TLS_UNTRUSTED: "Pass --ca-file with the CA certificate of the control plane (or --insecure-skip-verify for development).",
 }
 
 
@@ -45,26 +46,14 @@ def agent_config(p: dict[str, Any]) -> Any:
 
 
 def cp_client(ident: Any, pki: Any) -> Any:
-    from nkudo.agent.cpclient import CpClient
+    from nkudo.agent.cpclient import client_for
 
-    return CpClient(
-        ident.control_plane,
-        ca_file=pki.ca,
-        cert_file=pki.cert,
-        key_file=pki.key,
-        insecure_skip_verify=ident.insecure_skip_verify,
-    )
+    return client_for(ident, pki)
 
 
 def fail(p: dict[str, Any], exc: NkudoError, advice: str = "") -> int:
-    """Report ``exc`` (JSON with --json, else one line on stderr plus advice); exit code 1."""
-    if p.get("json"):
-        print_json({"ok": False, "error": {**exc.to_dict(), **({"advice": advice} if advice else {})}})
-    else:
-        sys.stderr.write(f"nkudo-edge: error: {exc.code}: {exc.message}\n")
-        if advice:
-            sys.stderr.write(f"  {advice}\n")
-    return 1
+    """Report ``exc`` through the one reporter (JSON with --json, else a line plus advice); exit code 1."""
+    return report_failure(exc, as_json=bool(p.get("json")), advice=advice)
 
 
 # ----------------------------------------------------------------- enroll
@@ -138,7 +127,7 @@ def run_enroll(p: dict[str, Any]) -> int:
             raise NkudoError(
                 f"this host is already enrolled as agent {existing.agent_id} (site {existing.site_id}); "
                 "use --force to enroll again",
-                code="ALREADY_ENROLLED",
+                code=ErrorCode.ALREADY_ENROLLED,
             )
         key_pem, csr_pem = new_key_and_csr(hostname)
         req = wm.EnrollRequest(
@@ -236,10 +225,7 @@ def run_run(p: dict[str, Any]) -> int:
         daemon = Daemon(agent, ident, pki, cp_client(ident, pki), cfg, metrics=metrics)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: daemon.request_stop())
-        rc = daemon.run()
-        if rc != 0:
-            sys.stderr.write(f"nkudo-edge: {daemon.exit_reason}\n")
-        return rc
+        return report_stop(daemon.run(), daemon.exit_reason)
     except NkudoError as exc:
         return fail(p, exc)
     finally:
@@ -270,11 +256,12 @@ def run_unenroll(p: dict[str, Any]) -> int:
     from nkudo.agent.plan import parse_action
     from nkudo.agent.runtime import Agent
     from nkudo.wire import messages as wm
+    from nkudo.wire.vocab import ActionType
 
     if p["keep_vms"] and p["delete_vms"]:
         raise UsageError("--keep-vms and --delete-vms exclude each other")
     pki = Pki(p["pki_dir"])
-    not_enrolled = NkudoError("this host is not enrolled; nothing to do", code="NOT_ENROLLED")
+    not_enrolled = NkudoError("this host is not enrolled; nothing to do", code=ErrorCode.NOT_ENROLLED)
     try:
         if peek_identity(p["state_dir"]) is None:  # before Agent() creates directories and the database
             return fail(p, not_enrolled)
@@ -299,11 +286,7 @@ def run_unenroll(p: dict[str, Any]) -> int:
         try:
             client.unenroll(wm.UnenrollRequest())
         except (CpError, CpUnreachable) as exc:
-            if isinstance(exc, CpError) and exc.code in (
-                "AGENT_UNENROLLED",
-                "UNKNOWN_AGENT",
-                "CERTIFICATE_REVOKED",
-            ):
+            if isinstance(exc, CpError) and exc.identity_gone:
                 remote = f"already gone ({exc.code})"
             elif not p["force"]:
                 return fail(
@@ -322,7 +305,7 @@ def run_unenroll(p: dict[str, Any]) -> int:
                 a = parse_action(
                     {
                         "action_id": f"unenroll-delete-{vm.vm_id}",
-                        "type": "MicroVMDelete",
+                        "type": ActionType.MICROVM_DELETE,
                         "params": {"vm_id": vm.vm_id},
                     }
                 )
@@ -376,7 +359,7 @@ def run_renew(p: dict[str, Any]) -> int:
                 NkudoError(
                     f"the certificate is not due for renewal yet (expires {info.not_after:%Y-%m-%d %H:%M} UTC; "
                     "renewal starts at two thirds of its lifetime)",
-                    code="RENEW_NOT_DUE",
+                    code=ErrorCode.RENEW_NOT_DUE,
                 ),
                 "Use --force to renew now.",
             )

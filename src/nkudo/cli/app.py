@@ -1,4 +1,8 @@
-"""The click command tree of ``nkudo-edge``, built from :mod:`nkudo.cli.options`."""
+"""The click command tree of ``nkudo-edge``, built from the table in :mod:`nkudo.cli.options`.
+
+click only parses here (help, usage errors, values); the command runs in
+:func:`nkudo.cli.entry.dispatch`, the same place the fast path runs it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import sys
 import click
 
 from nkudo.cli import options
-from nkudo.cli.commands import RUNNERS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -57,86 +60,59 @@ def _with_options(specs: tuple[options.Opt, ...]) -> Callable[[Any], Any]:
     return deco
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(context_settings=CONTEXT, help=options.PROG_HELP)
 @_with_options(options.GLOBAL_OPTS)
 @click.pass_context
 def cli(ctx: click.Context, /, **params: Any) -> None:
-    """nkudo edge agent: runs Cloud Hypervisor microVMs on this host."""
-    from nkudo import log
-
-    log.configure(params["log_level"], params["log_format"])
     ctx.obj = dict(params)
 
 
-def _command(name: str, help_text: str) -> None:
-    @cli.command(name=name, help=help_text, context_settings=CONTEXT)
-    @_with_options(options.COMMAND_OPTS[name] + options.GLOBAL_OPTS_AFTER)
+def _command(spec: options.Command) -> None:
+    """A click command that only parses: it returns ``(name, params)`` for :func:`entry.dispatch`."""
+
+    @cli.command(name=spec.name, help=spec.help, context_settings=CONTEXT)
+    @_with_options(spec.opts + options.GLOBAL_OPTS_AFTER)
     @click.pass_obj
-    def _cmd(obj: dict[str, Any], /, **params: Any) -> int:
-        return RUNNERS[name](_merge_globals(obj, params))
+    def _cmd(obj: dict[str, Any], /, **params: Any) -> tuple[str, dict[str, Any]]:
+        return spec.name, _merge_globals(obj, params)
 
 
 def _merge_globals(obj: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """The group's parameters overridden by global options given after the command (the later wins)."""
     after = {k: params.pop(k) for k in options.GLOBAL_NAMES}
     given = {k: v for k, v in after.items() if v is not None}
-    merged = {**obj, **params, **given}
-    if "log_level" in given or "log_format" in given:
-        from nkudo import log
-
-        log.configure(merged["log_level"], merged["log_format"])
-    return merged
+    return {**obj, **params, **given}
 
 
-_command("version", "Print versions and which native modules are loaded.")
-_command(
-    "check",
-    "Preflight: check that this host can run microVMs. Exit 0 when nothing failed (warnings allowed), 1 otherwise.",
-)
-_command("hostfacts", "Print the host facts sent with each heartbeat, as JSON.")
-_command("enroll", "Enroll this host with a one-time token (creates the agent's key and certificate).")
-_command(
-    "run",
-    "Run the agent: heartbeats, leased plans, results, logs, metrics. SIGTERM stops it cleanly; VMs keep running.",
-)
-_command("status", "Enrollment, certificate, last heartbeat and VM counts, from local state.")
-_command(
-    "unenroll",
-    "Leave the control plane: revoke the certificate, remove credentials, delete (or keep) the VMs.",
-)
-_command("renew", "Renew the agent certificate now (within the renewal window unless --force).")
-_command("verify-heartbeat", "One heartbeat round trip; exit 0 on success, 1 with the reason otherwise.")
-_command(
-    "apply",
-    "Run a plan locally (no control plane): one line per action. Exit 0 only if every action succeeded.",
-)
+for _spec in options.COMMANDS.values():
+    _command(_spec)
 
 
-def run(argv: list[str]) -> int:
-    """Run click without its own exit handling so errors get one line and our exit codes."""
-    from nkudo.errors import NkudoError, UsageError
+def parse(argv: list[str]) -> tuple[str, dict[str, Any]] | int:
+    """Parse ``argv`` with click: ``(command, params)`` to run, or the exit code of ``--help`` or of a
+    usage error (already reported). Runs nothing, so the commands run outside click's own handling
+    of interrupts and closed pipes, exactly as on the fast path."""
+    from nkudo.cli import output
 
     try:
-        rv = cli.main(args=argv, prog_name="nkudo-edge", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name=output.PROG, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else "")
-        return 0
+        return output.ExitCode.OK
     except click.UsageError as exc:
-        cmd = exc.ctx.command_path if exc.ctx else "nkudo-edge"
-        sys.stderr.write(f"{cmd}: error: {exc.format_message()} (see '{cmd} --help')\n")
-        return 2
+        return output.report_usage(exc.format_message(), exc.ctx.command_path if exc.ctx else output.PROG)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.Abort:
-        sys.stderr.write("nkudo-edge: aborted\n")
-        return 1
-    except UsageError as exc:
-        sys.stderr.write(f"nkudo-edge: error: {exc.message} (see 'nkudo-edge --help')\n")
-        return 2
-    except NkudoError as exc:
-        sys.stderr.write(f"nkudo-edge: error: {exc}\n")
-        return 1
+    except click.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            raise exc.__cause__ from None
+        sys.stderr.write(f"{output.PROG}: aborted\n")
+        return output.ExitCode.FAILURE
     except click.ClickException as exc:
-        sys.stderr.write(f"nkudo-edge: error: {exc.format_message()}\n")
-        return 1
-    return rv if isinstance(rv, int) else 0
+        sys.stderr.write(f"{output.PROG}: error: {exc.format_message()}\n")
+        return output.ExitCode.FAILURE
+    if isinstance(rv, tuple):
+        return rv
+    return rv if isinstance(rv, int) else output.ExitCode.OK
+
+

@@ -140,6 +140,7 @@ def run_apply(p: dict[str, Any]) -> int:
     from nkudo.agent.runtime import Agent
     from nkudo.cli.agentcmds import agent_config, fail
     from nkudo.errors import NkudoError
+    from nkudo.wire.vocab import ActionType, ResultStatus
 
     try:
         doc = _load_plan(p["plan"])
@@ -149,7 +150,7 @@ def run_apply(p: dict[str, Any]) -> int:
         return fail(p, exc)
     try:
         agent.reconcile()
-        if any(a.vm_id for a in actions if a.type == "MicroVMCreate"):
+        if any(a.vm_id for a in actions if a.type == ActionType.MICROVM_CREATE):
             agent.network.ensure_bridge(p["bridge"])  # type: ignore[attr-defined]
         outcomes = agent.executor.run_plan(actions)
     except NkudoError as exc:
@@ -162,7 +163,7 @@ def run_apply(p: dict[str, Any]) -> int:
         return 0 if ok else 1
     colour = use_colour(sys.stdout)
     for o in outcomes:
-        mark = {"SUCCEEDED": paint("✓", "green", colour), "NOT_RUN": paint("-", "dim", colour)}.get(
+        mark = {ResultStatus.SUCCEEDED: paint("✓", "green", colour), ResultStatus.NOT_RUN: paint("-", "dim", colour)}.get(
             o.status, paint("✗", "red", colour)
         )
         dur = f" {o.duration:.3f}s" if o.duration is not None else ""

@@ -1,46 +1,58 @@
-"""Console-script entry point of ``nkudo-edge``: fast path first, click otherwise."""
+"""Console-script entry point of ``nkudo-edge``: fast path first, click otherwise.
+
+Both paths end the same way: a parser (``options.fast_parse`` or ``app.parse``,
+built from the same table in :mod:`nkudo.cli.options`) gives ``(command, params)``,
+:func:`dispatch` runs the command's runner, and every error is reported by
+:mod:`nkudo.cli.output`. ``NKUDO_CLI_FORCE_CLICK=1`` skips the fast path: it exists
+only so tests/host/test_cli_paths_equal.py can run each invocation through both
+paths and compare them.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-def main(argv: list[str] | None = None) -> int:
+FORCE_CLICK_ENV = "NKUDO_CLI_FORCE_CLICK"
+
+
+def dispatch(cmd: str, params: dict[str, Any]) -> int:
+    """Run a parsed command: the one place both paths configure logging and call the runner."""
+    from nkudo import log
+    from nkudo.cli.commands import RUNNERS
+
+    log.configure(params["log_level"], params["log_format"])
+    rc = RUNNERS[cmd](params)
+    sys.stdout.flush()  # here, so a closed pipe is reported like any error (not at interpreter exit)
+    return rc
+
+
+def main(argv: list[str] | None = None, *, force_click: bool = False) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        from nkudo.cli.options import fast_parse
+        parsed: tuple[str, dict[str, Any]] | None = None
+        if not force_click and os.environ.get(FORCE_CLICK_ENV) != "1":
+            from nkudo.cli.options import fast_parse
 
-        fast = fast_parse(args)
-        if fast is not None:
-            from nkudo import log
-            from nkudo.cli.commands import RUNNERS
+            parsed = fast_parse(args)
+        if parsed is None:
+            from nkudo.cli.app import parse
 
-            cmd, params = fast
-            log.configure(params["log_level"], params["log_format"])
-            return RUNNERS[cmd](params)
-        from nkudo.cli.app import run
+            result = parse(args)
+            if isinstance(result, int):  # --help, or a usage error already reported
+                return result
+            parsed = result
+        return dispatch(*parsed)
+    except (KeyboardInterrupt, Exception) as exc:
+        from nkudo.cli.output import is_internal, report_exception
 
-        return run(args)
-    except KeyboardInterrupt:
-        sys.stderr.write("nkudo-edge: interrupted\n")
-        return 130
-    except BrokenPipeError:
-        return 1
-    except Exception as exc:  # last resort: one line, never a traceback for operators
-        from nkudo.errors import NkudoError, UsageError
-
-        if isinstance(exc, UsageError):
-            sys.stderr.write(f"nkudo-edge: error: {exc.message} (see 'nkudo-edge --help')\n")
-            return 2
-        if isinstance(exc, NkudoError):
-            sys.stderr.write(f"nkudo-edge: error: {exc}\n")
-            return 1
-        if "--log-level=debug" in args or ("--log-level" in args and "debug" in args):
+        if is_internal(exc) and ("--log-level=debug" in args or ("--log-level" in args and "debug" in args)):
             raise
-        sys.stderr.write(
-            f"nkudo-edge: internal error: {type(exc).__name__}: {exc} (rerun with --log-level debug for details)\n"
-        )
-        return 1
+        return report_exception(exc)
 
 
 if __name__ == "__main__":

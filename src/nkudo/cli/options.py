@@ -1,12 +1,19 @@
-"""Option specifications shared by the click CLI and the start-up fast path.
+"""The one table of the agent CLI: every command, its help and its options.
+
+Each :class:`Opt` says name, type (``kind``), default, environment variable, help
+and choices; each :class:`Command` says its help text, its options and whether the
+start-up fast path serves it. :mod:`nkudo.cli.app` builds the click commands from
+this table and :func:`fast_parse` parses from it, so the two cannot disagree on
+what an option is called, accepts or defaults to.
 
 Why two parsers: importing click costs ~40 ms on small edge hosts, which would
 triple the start-up of ``nkudo-edge version`` and ``check`` (run by monitoring
-and provisioning scripts). The options are declared once here; :mod:`app`
-builds click options from them, and :func:`fast_parse` recognises only plain,
-valid invocations of the fast commands. Anything else (``--help``, unknown or
-invalid options, other commands) returns None and goes to click, which owns
-every usage error message.
+and provisioning scripts). :func:`fast_parse` recognises only plain, valid
+invocations of the fast commands. Anything else (``--help``, unknown or invalid
+options, other commands) returns None and goes to click, which owns every usage
+error message; both paths then run the same runner and report errors through
+:mod:`nkudo.cli.output`. ``NKUDO_CLI_FORCE_CLICK=1`` sends every invocation
+through click (tests/host/test_cli_paths_equal.py proves both paths equal with it).
 """
 
 from __future__ import annotations
@@ -15,10 +22,15 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Literal
+
+    #: How a value is converted and validated (see :func:`convert`).
+    Kind = Literal["str", "path", "ifname", "int", "float"]
 
 
 class Opt:
+    """One option: flag, type, default, environment variable, choices and help."""
+
     __slots__ = (
         "choices",
         "default",
@@ -39,7 +51,7 @@ class Opt:
         default: Any = None,
         envvar: str | None = None,
         choices: tuple[str, ...] | None = None,
-        kind: str = "str",
+        kind: Kind = "str",
         is_flag: bool = False,
         multiple: bool = False,
         required: bool = False,
@@ -336,8 +348,60 @@ COMMAND_OPTS["renew"] = (
 
 COMMAND_OPTS["verify-heartbeat"] = (JSON_OPT, PKI_OPT)
 
+
+class Command:
+    """One command: its help text, its options (from COMMAND_OPTS) and whether the fast path serves it."""
+
+    __slots__ = ("fast", "help", "name", "opts")
+
+    def __init__(self, name: str, help: str, *, fast: bool = False) -> None:
+        self.name = name
+        self.help = help
+        self.opts = COMMAND_OPTS[name]
+        self.fast = fast
+
+
+#: The top-level help of ``nkudo-edge``.
+PROG_HELP = "nkudo edge agent: runs Cloud Hypervisor microVMs on this host."
+
 # `run` is a long-lived daemon: skipping click keeps ~4 MB out of its resident memory for its whole life.
-FAST_COMMANDS = frozenset({"version", "check", "run"})
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("version", "Print versions and which native modules are loaded.", fast=True),
+        Command(
+            "check",
+            "Preflight: check that this host can run microVMs. "
+            "Exit 0 when nothing failed (warnings allowed), 1 otherwise.",
+            fast=True,
+        ),
+        Command("hostfacts", "Print the host facts sent with each heartbeat, as JSON."),
+        Command(
+            "enroll", "Enroll this host with a one-time token (creates the agent's key and certificate)."
+        ),
+        Command(
+            "run",
+            "Run the agent: heartbeats, leased plans, results, logs, metrics. "
+            "SIGTERM stops it cleanly; VMs keep running.",
+            fast=True,
+        ),
+        Command("status", "Enrollment, certificate, last heartbeat and VM counts, from local state."),
+        Command(
+            "unenroll",
+            "Leave the control plane: revoke the certificate, remove credentials, delete (or keep) the VMs.",
+        ),
+        Command("renew", "Renew the agent certificate now (within the renewal window unless --force)."),
+        Command(
+            "verify-heartbeat", "One heartbeat round trip; exit 0 on success, 1 with the reason otherwise."
+        ),
+        Command(
+            "apply",
+            "Run a plan locally (no control plane): one line per action. "
+            "Exit 0 only if every action succeeded.",
+        ),
+    )
+}
+FAST_COMMANDS = frozenset(name for name, c in COMMANDS.items() if c.fast)
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off", ""}
 
@@ -374,9 +438,9 @@ def convert(opt: Opt, raw: str) -> Any:
 
 
 def _from_env(opt: Opt) -> Any:
-    if opt.envvar is None or opt.envvar not in os.environ:
+    raw = os.environ.get(opt.envvar) if opt.envvar is not None else None
+    if not raw:  # as click: an empty variable counts as unset
         return opt.default
-    raw = os.environ[opt.envvar]
     if opt.is_flag:
         low = raw.strip().lower()
         if low in _TRUE:
@@ -385,6 +449,8 @@ def _from_env(opt: Opt) -> Any:
             return False
         raise _Reject
     try:
+        if opt.multiple:  # as click: a repeatable option's variable holds values separated by whitespace
+            return tuple(convert(opt, v) for v in raw.split())
         return convert(opt, raw)
     except ValueError:
         raise _Reject from None

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from nkudo.cli.agentcmds import cp_client
+from nkudo.agent.cpclient import client_for
 from nkudo.cli.output import paint, print_json, use_colour
 
 
@@ -143,7 +143,7 @@ def _probe_connection(ident: Any, pki: Any) -> dict[str, Any]:
     """An authenticated round trip that changes nothing: GET /v1/plans/next would lease, so use /readyz over mTLS."""
     from nkudo.agent.cpclient import CpError, CpUnreachable
 
-    client = cp_client(ident, pki)
+    client = client_for(ident, pki)
     try:
         status, _ = client.request("GET", "/readyz")
         return {
