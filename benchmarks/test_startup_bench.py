@@ -1,6 +1,7 @@
 """Start-up gates: `nkudo-edge version` ≤ 2.5× and `check` ≤ 5× a bare `python -c pass`.
 
-Measured from an installed wheel in a fresh venv (what an operator runs), all
+Measured from the agent-only wheel installed offline in a fresh venv (what an operator runs: no
+control-plane or simulator packages on its path, issue 14), all
 three commands interleaved in the same run so machine noise hits them equally:
 the fixture times `nkudo-edge version`, the other two are timed between its
 rounds with the fixture's clock (``time_sides``).

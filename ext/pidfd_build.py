@@ -242,13 +242,15 @@ ffibuilder.set_source(
         stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
         if (stack == MAP_FAILED)
             return -errno;
-        /* No signal handler of ours may run in the child (it shares our memory) before it resets them. */
+        /* No signal handler of ours may run in the child (it shares our memory) before it resets them.
+           sigprocmask, not pthread_sigmask: on Linux both set the calling thread's mask, but glibc >= 2.32
+           versions pthread_sigmask GLIBC_2.32, which would hold the wheel above manylinux_2_28 (issue 14). */
         sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
+        sigprocmask(SIG_SETMASK, &all, &old);
         pid = clone(nk_child, (char *)stack + stack_size,
                     CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &req, &pidfd);
         e = errno;
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        sigprocmask(SIG_SETMASK, &old, NULL);
         munmap(stack, stack_size);
         if (pid < 0)
             return -e;

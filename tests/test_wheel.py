@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.wheel_env import ROOT, fresh_venv_with_wheel
+from tests.wheel_env import ROOT, agent_wheel, fresh_venv_with_wheel
 
 
 @pytest.mark.slow
 def test_wheel_in_fresh_venv(tmp_path: Path) -> None:
     bin_dir = fresh_venv_with_wheel(tmp_path)
-    wheel = next(tmp_path.glob("nkudo-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(agent_wheel()).namelist()
     assert any(n.startswith("nkudo_native/kvm.") and n.endswith(".so") for n in names)
     assert any(n.startswith("nkudo_native/_syscalls.") and n.endswith(".so") for n in names)
     assert not any(n.endswith((".pyx", ".c")) for n in names)
@@ -47,3 +46,15 @@ def test_wheel_in_fresh_venv(tmp_path: Path) -> None:
     )
     assert r.returncode in (0, 1)
     assert {c["id"] for c in json.loads(r.stdout)["checks"]} >= {"kvm", "state_dir", "pidfd"}
+
+
+def test_wheel_holds_no_stale_build_output() -> None:
+    """Issue 14: `pip wheel .` packed whatever build/ held, e.g. the compiled module of the deleted
+    ext/sys_build.py; the wheel is now built from the sdist, so it holds exactly what the sources make."""
+    names = zipfile.ZipFile(agent_wheel()).namelist()
+    native = sorted(n.split("/")[1].split(".")[0] for n in names if n.startswith("nkudo_native/") and n.endswith(".so"))
+    expected = sorted([p.stem for p in (ROOT / "nkudo_native").glob("*.pyx")]
+                      + ["_" + p.name.removesuffix("_build.py") for p in (ROOT / "ext").glob("*_build.py")])
+    assert native == expected
+    sources = {str(p.relative_to(ROOT / "src")) for p in (ROOT / "src" / "nkudo").rglob("*.py")}
+    assert {n for n in names if n.startswith("nkudo/") and n.endswith(".py")} == sources

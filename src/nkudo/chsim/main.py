@@ -218,6 +218,10 @@ def _refuse(msg: str, status: int = 1) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from nkudo.extras import Extra, require
+
+    if (missing := require(Extra.SIMULATOR, "nkudo-ch-sim")) is not None:
+        return missing  # the validator's imports happen later in a thread: say now which extra is missing
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns = parser.parse_args(args)
