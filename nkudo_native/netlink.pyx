@@ -14,7 +14,7 @@ every system call (link deletion blocks for an RCU grace period).
 from libc.errno cimport errno, EINTR, ENODEV, EMSGSIZE, EIO
 from libc.string cimport memcpy, memset, strerror
 from libc.stdlib cimport malloc, free
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t
 from cpython.exc cimport PyErr_CheckSignals
 
 cdef extern from "<sys/types.h>":
@@ -79,6 +79,7 @@ DEF IFLA_LINKINFO = 18
 DEF IFLA_IFALIAS = 20
 DEF IFLA_GROUP = 27
 DEF IFLA_EXT_MASK = 29
+DEF IFLA_STATS64 = 23
 DEF IFLA_INFO_KIND = 1
 DEF IFLA_INFO_DATA = 2
 DEF RTEXT_FILTER_SKIP_STATS = 8
@@ -105,6 +106,7 @@ DEF IFALIASZ = 256
 DEF WANT_ACK = 0
 DEF WANT_ONE = 1
 DEF WANT_ALL = 2
+DEF WANT_TAP_STATS = 3
 
 _OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 _HEX = b"0123456789abcdef"
@@ -210,98 +212,7 @@ cdef void _scan_attrs(const char *p, Py_ssize_t size, Py_ssize_t off, const char
         off += _align4(a_len)
 
 
-cdef dict _parse_tun(const char *data, Py_ssize_t size):
-    cdef const char *ptrs[NK_MAX_ATTR]
-    cdef Py_ssize_t lens[NK_MAX_ATTR]
-    _scan_attrs(data, size, 0, ptrs, lens)
-    cdef const char *ttype = ptrs[IFLA_TUN_TYPE]
-    cdef const char *owner = ptrs[IFLA_TUN_OWNER]
-    cdef Py_ssize_t lt = lens[IFLA_TUN_TYPE], lo = lens[IFLA_TUN_OWNER]
-    cdef const char *pi = ptrs[IFLA_TUN_PI]
-    cdef const char *vnet = ptrs[IFLA_TUN_VNET_HDR]
-    cdef const char *persist = ptrs[IFLA_TUN_PERSIST]
-    cdef const char *mq = ptrs[IFLA_TUN_MULTI_QUEUE]
-    cdef Py_ssize_t lp = lens[IFLA_TUN_PI], lv = lens[IFLA_TUN_VNET_HDR]
-    cdef Py_ssize_t lper = lens[IFLA_TUN_PERSIST], lmq = lens[IFLA_TUN_MULTI_QUEUE]
-    return {
-        "type": "tap" if (ttype != NULL and lt > 0 and ttype[0] == IFF_TAP) else "tun",
-        "owner": _u32(owner) if (owner != NULL and lo >= 4) else None,
-        "pi": _flag(pi, lp),
-        "vnet_hdr": _flag(vnet, lv),
-        "persist": _flag(persist, lper),
-        "multi_queue": _flag(mq, lmq),
-    }
-
-
-cdef dict _parse_link(const char *p, Py_ssize_t size):
-    """Dict-for-dict twin of nkudo.net.rtnl.parse_link."""
-    if size < 16:
-        raise ValueError("truncated RTM_NEWLINK")
-    cdef int32_t index
-    cdef uint32_t flags
-    memcpy(&index, p + 4, 4)
-    memcpy(&flags, p + 8, 4)
-    cdef const char *ptrs[NK_MAX_ATTR]
-    cdef Py_ssize_t lens[NK_MAX_ATTR]
-    _scan_attrs(p, size, 16, ptrs, lens)
-    cdef const char *name = ptrs[IFLA_IFNAME]
-    cdef const char *mac = ptrs[IFLA_ADDRESS]
-    cdef const char *mtu = ptrs[IFLA_MTU]
-    cdef const char *master = ptrs[IFLA_MASTER]
-    cdef const char *oper = ptrs[IFLA_OPERSTATE]
-    cdef const char *linkinfo = ptrs[IFLA_LINKINFO]
-    cdef const char *alias = ptrs[IFLA_IFALIAS]
-    cdef Py_ssize_t ln = lens[IFLA_IFNAME], lmac = lens[IFLA_ADDRESS], lmtu = lens[IFLA_MTU]
-    cdef Py_ssize_t lmaster = lens[IFLA_MASTER], loper = lens[IFLA_OPERSTATE], linfo = lens[IFLA_LINKINFO]
-    cdef Py_ssize_t lalias = lens[IFLA_IFALIAS]
-
-    cdef object kind = None
-    cdef object tun = None
-    cdef const char *kptr = NULL
-    cdef const char *dptr = NULL
-    cdef Py_ssize_t lk = 0, ld = 0
-    cdef const char *iptrs[NK_MAX_ATTR]
-    cdef Py_ssize_t ilens[NK_MAX_ATTR]
-    if linkinfo != NULL:
-        _scan_attrs(linkinfo, linfo, 0, iptrs, ilens)
-        kptr, lk = iptrs[IFLA_INFO_KIND], ilens[IFLA_INFO_KIND]
-        dptr, ld = iptrs[IFLA_INFO_DATA], ilens[IFLA_INFO_DATA]
-        if kptr != NULL:
-            kind = _cstr(kptr, lk)
-        if kind == "tun" and dptr != NULL:
-            tun = _parse_tun(dptr, ld)
-
-    cdef object mac_s = None
-    cdef bytearray hexbuf
-    cdef Py_ssize_t i
-    cdef unsigned char b
-    if mac != NULL and lmac > 0:
-        hexbuf = bytearray(lmac * 3 - 1)
-        for i in range(lmac):
-            b = <unsigned char>mac[i]
-            hexbuf[i * 3] = _HEX[b >> 4]
-            hexbuf[i * 3 + 1] = _HEX[b & 15]
-            if i + 1 < lmac:
-                hexbuf[i * 3 + 2] = 58
-        mac_s = hexbuf.decode("ascii")
-
-    cdef str operstate = "unknown"
-    if oper != NULL and loper > 0 and <unsigned char>oper[0] < 7:
-        operstate = _OPERSTATES[<unsigned char>oper[0]]
-
-    return {
-        "index": index,
-        "name": _cstr(name, ln) if name != NULL else "",
-        "flags": flags,
-        "up": bool(flags & IFF_UP),
-        "mtu": _u32(mtu) if (mtu != NULL and lmtu >= 4) else None,
-        "mac": mac_s,
-        "master": _u32(master) if (master != NULL and lmaster >= 4) else None,
-        "kind": kind,
-        "operstate": operstate,
-        "alias": _cstr(alias, lalias) if alias != NULL else None,
-        "tun": tun,
-    }
+include "netlink_parse.pxi"
 
 
 cdef class NetlinkSocket:
@@ -370,6 +281,7 @@ cdef class NetlinkSocket:
         cdef size_t off
         cdef nlmsghdr *m
         cdef int32_t nlerr
+        cdef object item
         if self.fd < 0:
             raise ValueError("netlink socket is closed")
         h.nlmsg_len = <uint32_t>msglen
@@ -408,7 +320,11 @@ cdef class NetlinkSocket:
                         return -nlerr
                     if m.nlmsg_type == NLMSG_DONE:
                         return 0
-                    if m.nlmsg_type == RTM_NEWLINK and want != WANT_ACK:
+                    if m.nlmsg_type == RTM_NEWLINK and want == WANT_TAP_STATS:
+                        item = _parse_tap_stats(self.rbuf + off + 16, m.nlmsg_len - 16)
+                        if item is not None:
+                            out.append(item)
+                    elif m.nlmsg_type == RTM_NEWLINK and want != WANT_ACK:
                         out.append(_parse_link(self.rbuf + off + 16, m.nlmsg_len - 16))
                         if want == WANT_ONE and not (m.nlmsg_flags & NLM_F_MULTI):
                             return 0
@@ -435,6 +351,18 @@ cdef class NetlinkSocket:
         _header(self.sbuf, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, self._next_seq(), 0, 0, 0)
         off = _put_u32(self.sbuf, HDRLEN, IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
         cdef int err = self._exchange(off, WANT_ALL, out)
+        if err:
+            raise _oserror(err, "RTM_GETLINK")
+        return out
+
+    def dump_tap_stats(self):
+        """Every TAP's IFLA_STATS64 counters from one dump, the kernel asked to send only kind ``tun``."""
+        cdef list out = []
+        cdef char info[16]
+        cdef size_t ilen = _put(info, 0, IFLA_INFO_KIND, b"tun\0", 4)
+        _header(self.sbuf, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, self._next_seq(), 0, 0, 0)
+        cdef size_t off = _put(self.sbuf, HDRLEN, IFLA_LINKINFO, info, ilen)
+        cdef int err = self._exchange(off, WANT_TAP_STATS, out)
         if err:
             raise _oserror(err, "RTM_GETLINK")
         return out

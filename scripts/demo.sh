@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # `make demo`: the whole system on embedded defaults, inside a private network namespace so it never
 # touches the host's network: a control plane (SQLite), an enrolled edge agent, a plan executed on
-# microVMs (nkudo-ch-sim stands in for cloud-hypervisor when it is not installed), then a walkthrough.
+# microVMs, then a walkthrough. Which hypervisor runs them, said at the start:
+#   - cloud-hypervisor when it is installed;
+#   - else QEMU with a real guest when qemu-system-x86_64 and a guest kernel are (as .ci/run and
+#     scripts/ci-qemu.sh install them): the BusyBox guest the tests boot (scripts/build-guest.py), its
+#     console shown through `nkudo-edge console` and GET /vms/{id}/console, snapshotted and restored;
+#   - else the simulator nkudo-ch-sim (no guest really runs).
 # Everything it starts (processes, namespace, bridge, TAPs, temp dirs) is removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,9 +46,24 @@ ip -n "$NS" link add br0 type bridge
 ip -n "$NS" link set br0 up
 
 CH=cloud-hypervisor
+MODE=cloud-hypervisor
+PROVIDER_ARGS=()
 if ! command -v cloud-hypervisor >/dev/null 2>&1; then
     CH="$BIN/nkudo-ch-sim"
-    echo "cloud-hypervisor is not installed here: the simulator nkudo-ch-sim stands in for it (no guest really runs)"
+    mkdir -p "$WORK/images"
+    if GUEST_VARS=$("$BIN/python" scripts/build-guest.py "$WORK/images" 2>"$WORK/build-guest.err"); then
+        eval "$GUEST_VARS"
+        MODE=qemu
+        PROVIDER_ARGS=(--provider qemu)
+        echo "hypervisor: QEMU ($(qemu-system-x86_64 --version | head -1)) booting a real guest:" \
+             "the Debian cloud kernel + BusyBox initramfs (cloud-hypervisor is not installed here)"
+    else
+        MODE=simulator
+        echo "hypervisor: the simulator nkudo-ch-sim (no guest really runs): neither cloud-hypervisor nor" \
+             "QEMU with a guest kernel is installed ($(cat "$WORK/build-guest.err"))"
+    fi
+else
+    echo "hypervisor: cloud-hypervisor ($(cloud-hypervisor --version 2>/dev/null | head -1))"
 fi
 
 say "nkudo-edge version"
@@ -73,15 +93,106 @@ echo "tenant $TENANT, site $SITE, one-time enrollment token issued"
 say "nkudo-edge enroll"
 edge enroll --control-plane "$NKUDO_CP_SERVER" --token "$TOKEN" --ca-file "$WORK/cp/ca.crt" --pki-dir "$WORK/agent/pki"
 
-say "nkudo-edge run (background; metrics on 127.0.0.1:$METRICS_PORT)"
+say "nkudo-edge run (background; metrics on 127.0.0.1:$METRICS_PORT; hypervisor: $MODE)"
 mkdir -p "$WORK/images"
 printf 'demo kernel\n' > "$WORK/images/vmlinux"
 truncate -s 64M "$WORK/images/rootfs.img"
 ip netns exec "$NS" "$BIN/nkudo-edge" --state-dir "$WORK/agent/state" --log-level warn run --pki-dir "$WORK/agent/pki" --runtime-dir "$WORK/agent/vms" \
-    --snapshot-dir "$WORK/agent/snapshots" --image-root "$WORK/images" --cloud-hypervisor-bin "$CH" \
+    --snapshot-dir "$WORK/agent/snapshots" --image-root "$WORK/images" --cloud-hypervisor-bin "$CH" "${PROVIDER_ARGS[@]}" \
     --exec-allow /usr/bin/uptime --metrics-addr "127.0.0.1:$METRICS_PORT" --heartbeat-interval 1 > "$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 
+# Runs a plan given as a JSON file through the control plane and waits for it to end; prints it.
+run_plan() {
+    local plan state
+    plan=$(cp_cli plan apply "$1" --site "$SITE" --json | json_get "['plan_id']")
+    for _ in $(seq 600); do
+        state=$(cp_cli plan show "$plan" --json | json_get "['plan_status']")
+        case "$state" in SUCCEEDED|FAILED|CANCELLED) break ;; esac
+        sleep 0.2
+    done
+    cp_cli plan show "$plan"
+    [ "$state" = "SUCCEEDED" ]
+}
+console() { edge console "$@" --runtime-dir "$WORK/agent/vms"; }
+wait_console() {  # VM NEEDLE SECONDS: until the VM's console shows NEEDLE
+    for _ in $(seq $(($3 * 5))); do
+        console "$1" --lines 400 2>/dev/null | grep -q -- "$2" && return 0
+        sleep 0.2
+    done
+    echo "the console of $1 never showed $2; its end:"; console "$1" --lines 20; return 1
+}
+api_console() {  # VM LINES: GET /vms/VM/console?lines=LINES until the agent shipped it (via a heartbeat)
+    local body
+    for _ in $(seq 100); do
+        body=$(in_ns curl -sf --cacert "$WORK/cp/ca.crt" -H "X-Admin-Key: $(cat "$WORK/cp/admin.key")" \
+            "$NKUDO_CP_SERVER/vms/$1/console?lines=$2")
+        [ "$(printf '%s' "$body" | json_get "['state']")" != PENDING ] && break
+        sleep 0.2
+    done
+    printf '%s' "$body" | json_get "['state']"
+    printf '%s' "$body" | "$BIN/python" -c "import json,sys; sys.stdout.write(json.load(sys.stdin)['text'])"
+}
+
+if [ "$MODE" = qemu ]; then
+    T0=$SECONDS
+    if "$BIN/python" -c "from nkudo.wire.vocab import ActionType; ActionType('MicroVMRestore')" 2>/dev/null; then
+        HAVE_RESTORE=1
+    else
+        HAVE_RESTORE=0
+        echo "(this build has no MicroVMRestore yet: the demo snapshots the guest but does not restore it)"
+    fi
+    GUEST="\"kernel_path\": \"$GUEST_KERNEL\", \"initramfs_path\": \"$GUEST_INITRAMFS\", \"cmdline\": \"$GUEST_CMDLINE\""
+    say "a real guest under QEMU: MicroVMCreate demo-1 (1 vCPU, 128 MiB, a NIC on br0)"
+    cat > "$WORK/create.json" <<JSON
+{"idempotency_key": "demo-create", "actions": [
+  {"action_id": "demo-1-create", "type": "MicroVMCreate", "timeout_seconds": 120, "params": {
+    "vm_id": "demo-1", "name": "demo", "vcpus": 1, "memory_mib": 128, $GUEST, "nics": [{"bridge": "br0"}]}}]}
+JSON
+    run_plan "$WORK/create.json"
+    ACCEL=$(grep -o 'accel=[a-z]*' "$WORK/agent/vms/demo-1/vmm.log" | head -1 || true)
+    wait_console demo-1 "$GUEST_READY" 60
+    wait_console demo-1 "nkudo-tick 5" 30
+    say "nkudo-edge console demo-1 --lines 5 (the guest's serial console, read on the host)"
+    console demo-1 --lines 5
+    say "GET /vms/demo-1/console?lines=3 (asked through the control plane, shipped by the agent's heartbeat)"
+    api_console demo-1 3
+    say "MicroVMSnapshot demo-1 (pause, migrate to a file, resume)$([ "$HAVE_RESTORE" = 1 ] && echo ", MicroVMDelete, MicroVMRestore demo-1 from it")"
+    if [ "$HAVE_RESTORE" = 1 ]; then
+        cat > "$WORK/snap.json" <<JSON
+{"idempotency_key": "demo-snap", "actions": [
+  {"action_id": "demo-1-snapshot", "type": "MicroVMSnapshot", "params": {"vm_id": "demo-1", "snapshot_name": "s1"}},
+  {"action_id": "demo-1-delete", "type": "MicroVMDelete", "params": {"vm_id": "demo-1"}},
+  {"action_id": "demo-1-restore", "type": "MicroVMRestore", "timeout_seconds": 120,
+   "params": {"vm_id": "demo-1", "snapshot_name": "s1"}}]}
+JSON
+    else
+        cat > "$WORK/snap.json" <<JSON
+{"idempotency_key": "demo-snap", "actions": [
+  {"action_id": "demo-1-snapshot", "type": "MicroVMSnapshot", "params": {"vm_id": "demo-1", "snapshot_name": "s1"}}]}
+JSON
+    fi
+    before=$(console demo-1 --lines 400 | grep -o 'nkudo-tick [0-9]*' | tail -1)
+    run_plan "$WORK/snap.json"
+    ls -l "$WORK/agent/snapshots/demo-1/s1"
+    if [ "$HAVE_RESTORE" = 1 ]; then
+        wait_console demo-1 "nkudo-tick" 30
+        sleep 1
+        say "nkudo-edge console demo-1 --lines 3 after the restore: the counter goes on (memory restored, no boot)"
+        console demo-1 --lines 3
+        echo "last tick seen before the snapshot: ${before#nkudo-tick }; first tick of the restored guest:" \
+             "$(console demo-1 --lines 400 | grep -o 'nkudo-tick [0-9]*' | head -1 | cut -d' ' -f2) (not 1: no second boot)"
+    fi
+    say "MicroVMDelete demo-1"
+    cat > "$WORK/delete.json" <<JSON
+{"idempotency_key": "demo-delete", "actions": [{"action_id": "demo-1-delete-end", "type": "MicroVMDelete", "params": {"vm_id": "demo-1"}}]}
+JSON
+    run_plan "$WORK/delete.json"
+    state=SUCCEEDED
+    echo "real-guest part took $((SECONDS - T0)) s under QEMU ($ACCEL)"
+fi
+
+if [ "$MODE" != qemu ]; then
 say "a plan from examples/lifecycle.json: create (cloud-init), pause, resume, snapshot, stop, start, delete"
 sed "s#/var/lib/nkudo-edge/images#$WORK/images#g" examples/lifecycle.json > "$WORK/plan.json"
 PLAN=$(cp_cli plan apply "$WORK/plan.json" --site "$SITE" --json | json_get "['plan_id']")
@@ -95,6 +206,7 @@ cp_cli plan show "$PLAN"
 say "execution logs of the snapshot action"
 SNAP_EXEC=$(cp_cli plan show "$PLAN" --json | json_get "['executions'][3]['id']")
 cp_cli execution logs "$SNAP_EXEC"
+fi
 
 say "nkudo-edge status"
 edge status --pki-dir "$WORK/agent/pki"
@@ -103,5 +215,5 @@ say "a few metric lines (curl http://127.0.0.1:$METRICS_PORT/metrics)"
 in_ns curl -s "http://127.0.0.1:$METRICS_PORT/metrics" \
     | grep -E '^nkudo_(actions_executed_total|heartbeats_sent_total|vms_total\{state="running"\}|build_info)' | head -12
 
-say "done: agent and control plane stopped; namespace, bridge, TAPs, VMMs and temp files removed on exit"
+say "done ($MODE): agent and control plane stopped; namespace, bridge, TAPs, VMMs and temp files removed on exit"
 [ "$state" = "SUCCEEDED" ]

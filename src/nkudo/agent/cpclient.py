@@ -10,8 +10,11 @@ old certificate (the Go original locked itself out that way).
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import http.client
 import json
+import math
 import socket
 import ssl
 import threading
@@ -33,9 +36,15 @@ T = TypeVar("T")
 class CpError(NkudoError):
     """The control plane answered with an error (its code and message are kept)."""
 
-    def __init__(self, message: str, *, code: str, status: int) -> None:
+    def __init__(self, message: str, *, code: str, status: int, retry_after: float | None = None) -> None:
         super().__init__(message, code=code)
         self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def rate_limited(self) -> bool:
+        """A 429 (rate limit or lock-out): retry, but not before ``retry_after`` (issue 12)."""
+        return self.status == 429
 
     @property
     def identity_gone(self) -> bool:
@@ -111,6 +120,11 @@ class CpClient:
             self._conn = None
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        status, payload, _ = self.exchange(method, path, body)
+        return status, payload
+
+    def exchange(self, method: str, path: str, body: Any = None) -> tuple[int, bytes, float | None]:
+        """One request: status, body and the ``Retry-After`` seconds if the answer had one."""
         data = encode(body) if body is not None else None
         headers = {"User-Agent": f"nkudo-edge/{__version__}", "Accept": "application/json"}
         if data is not None:
@@ -127,7 +141,7 @@ class CpClient:
                     payload = resp.read()
                     if resp.getheader("Connection", "").lower() == "close":
                         self._close_locked()
-                    return resp.status, payload
+                    return resp.status, payload, parse_retry_after(resp.getheader("Retry-After"))
                 except ssl.SSLCertVerificationError as exc:
                     self._close_locked()
                     raise CpUnreachable(
@@ -157,9 +171,9 @@ class CpClient:
         raise AssertionError("unreachable")
 
     def call(self, method: str, path: str, body: Any, resp_type: type[T] | None) -> T | None:
-        status, payload = self.request(method, path, body)
+        status, payload, retry_after = self.exchange(method, path, body)
         if status >= 400:
-            raise _error(status, payload)
+            raise _error(status, payload, retry_after)
         if resp_type is None or status == 204:
             return None
         try:
@@ -202,7 +216,7 @@ class CpClient:
         return out
 
 
-def _error(status: int, payload: bytes) -> CpError:
+def _error(status: int, payload: bytes, retry_after: float | None = None) -> CpError:
     code, message = f"HTTP_{status}", payload[:200].decode("utf-8", "replace")
     try:
         doc = json.loads(payload)
@@ -211,7 +225,36 @@ def _error(status: int, payload: bytes) -> CpError:
         message = str(err.get("message") or message)
     except ValueError:
         pass
-    return CpError(message, code=code, status=status)
+    return CpError(message, code=code, status=status, retry_after=retry_after)
+
+
+#: Longest wait a Retry-After can ask for that is honoured as given (a day: a lock-out can be that long).
+MAX_RETRY_AFTER = 86400.0
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; ``None`` if absent or unreadable."""
+    if value is None:
+        return None
+    v = value.strip()
+    if v.isdigit():
+        return min(float(v), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(v)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    secs = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    return None if math.isnan(secs) else min(max(0.0, secs), MAX_RETRY_AFTER)
+
+
+def rate_limited_delay(retry_after: float | None, fallback: float, rand: float) -> float:
+    """How long to wait after a 429: never less than the server's ``Retry-After`` (plus up to 20 % jitter so
+    agents refused together do not come back together), the backoff ``fallback`` without one, and at least
+    one second either way, so a 429 can never turn into a hot loop."""
+    base = fallback if retry_after is None else retry_after
+    return max(1.0, base) * (1.0 + 0.2 * rand)
 
 
 def backoff_delay(failures: int, base: float, cap: float, rand: float) -> float:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nkudo import __version__, log
-from nkudo.agent import renewal
-from nkudo.agent.cpclient import CpClient, CpError, CpUnreachable, backoff_delay, jittered
+from nkudo.agent import console, renewal
+from nkudo.agent.cpclient import CpClient, CpError, CpUnreachable, backoff_delay, jittered, rate_limited_delay
 from nkudo.agent.executor import Executor, Outcome
 from nkudo.agent.identity import Identity, Pki, load_cert_info, load_identity, save_identity
 from nkudo.agent.plan import Action, parse_action
@@ -165,12 +165,14 @@ class Daemon:
         self.running: str | None = None
         self.seq = 0
         self.failures = 0
+        self.outbox_after = 0.0  # monotonic time before which reports are not sent (a 429's Retry-After)
         self.exit_code = 0
         self.exit_reason = ""
         self._facts: wm.HostFacts | None = None
         # The credential files the client was loaded from (run_run built it just before).
         self._creds = renewal.cred_stamp(pki)
         self._pending = 0
+        self.consoles = console.Shipper(agent.cfg.runtime_dir, agent.cfg.console_max_mib)  # issue 15
         self._worker = threading.Thread(target=self._work_loop, name="nkudo-executor", daemon=True)
         # The daemon's own executor over the agent's handlers, its callbacks given here: every result
         # it records queues its reports in the same transaction, and every outcome reaches metrics.
@@ -215,10 +217,13 @@ class Daemon:
                     delay = backoff_delay(
                         self.failures, min(2.0, self.interval), self.cfg.max_backoff, self.rand()
                     )
+                    if exc.rate_limited:  # issue 12: never sooner than the server's Retry-After
+                        delay = rate_limited_delay(exc.retry_after, delay, self.rand())
                     _log.warn(
                         "heartbeat refused", code=exc.code, error=exc.message, retry_in_s=round(delay, 1)
                     )
                     next_beat = time.monotonic() + delay
+            self.consoles.rotate()
             if self.failures == 0:
                 self.pickup_credentials()
                 self._flush_outbox()
@@ -227,7 +232,8 @@ class Daemon:
                 self._drain_once()
                 break
             pending = self.agent.store.outbox_size() > 0 and self.failures == 0
-            timeout = max(0.0, min(next_beat - time.monotonic(), 1.0 if pending else 3600.0))
+            retry = max(1.0, self.outbox_after - time.monotonic()) if pending else 3600.0
+            timeout = max(0.0, min(next_beat - time.monotonic(), retry))
             self.wake.wait(timeout)
             self.wake.clear()
         return self._shutdown()
@@ -275,6 +281,9 @@ class Daemon:
             vms=vms,
             execution_updates=updates,
             sent_at=dt.datetime.now(dt.UTC),
+            # Issue 15: the VMs' kernel counters from the metrics' collector (one netlink dump, two preads a VM).
+            vm_counters=c.heartbeat(self.agent.store.list_vms()) if (c := getattr(self.metrics, "counters", None)) else [],
+            consoles=self.consoles.pending,
         )
 
     def heartbeat(self) -> wm.HeartbeatResponse:
@@ -302,6 +311,8 @@ class Daemon:
             self.interval = float(resp.next_heartbeat_seconds)
         for plan in resp.pending_plans:
             self._accept_plan(plan)
+        if self.consoles.after_heartbeat(req, resp):
+            return self.heartbeat()  # the tails asked for go now: an operator is waiting on this round trip
         return resp
 
     def _record_heartbeat(self, ok: bool, error: str | None) -> None:
@@ -376,6 +387,8 @@ class Daemon:
     def _flush_outbox(self) -> bool:
         """Send queued reports in order through the typed client routes; True if the queue made progress."""
         progressed = False
+        if time.monotonic() < self.outbox_after:
+            return progressed
         while True:
             batch = self.agent.store.outbox_peek(50)
             if not batch:
@@ -399,7 +412,11 @@ class Daemon:
                 self.agent.store.outbox_failed([q.id for q in batch], exc.message)
                 return progressed
             except CpError as exc:
-                if exc.status >= 500 or exc.identity_gone:
+                if exc.rate_limited:  # issue 12: kept (a 4xx used to drop it) and retried after Retry-After
+                    self.outbox_after = time.monotonic() + rate_limited_delay(exc.retry_after, 2.0, self.rand())
+                    _log.warn("control plane rate-limited a report; retrying later", code=exc.code,
+                              retry_in_s=round(self.outbox_after - time.monotonic(), 1))
+                if exc.rate_limited or exc.status >= 500 or exc.identity_gone:
                     self.agent.store.outbox_failed([q.id for q in batch], exc.message)
                     return progressed
                 # A 4xx for one message is permanent: drop it (logged) instead of blocking the queue forever.

@@ -26,6 +26,9 @@ name                                   type       labels                     val
 ``nkudo_build_info``                   gauge      ``version``, ``python``    always 1
 =====================================  =========  =========================  ======================================
 
+With a ``VmCounterCollector`` (the daemon's), the per-VM kernel counters of :mod:`nkudo.agent.counters`
+(``nkudo_vm_network_*_total``, ``nkudo_vm_cpu_seconds_total``...) are collected at scrape time too.
+
 Design choices, and why:
 
 * **Own registry, no globals.** ``AgentMetrics`` owns a ``CollectorRegistry``
@@ -86,6 +89,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder, generate_latest
 
 from nkudo import log
+from nkudo.agent.counters import VmCounterCollector, metric_families
 from nkudo.agent.state import StateStore
 from nkudo.errors import HostError, ValidationError
 from nkudo.vmstate import VmStatus
@@ -193,8 +197,15 @@ class AgentMetrics:
     once with ``--metrics-addr``. Everything else is read at scrape time.
     """
 
-    def __init__(self, store: StateStore | None, disk_paths: Sequence[str], version: str) -> None:
+    def __init__(
+        self,
+        store: StateStore | None,
+        disk_paths: Sequence[str],
+        version: str,
+        counters: VmCounterCollector | None = None,
+    ) -> None:
         self.store = store
+        self.counters = counters  # per-VM kernel counters (issue 15), collected at scrape time
         # Label values are absolute paths, deduplicated, in the given order.
         seen: dict[str, None] = {}
         for p in disk_paths:
@@ -284,6 +295,8 @@ class AgentMetrics:
         yield from self._collect_vms()
         yield from self._collect_events()
         yield from self._collect_host()
+        if self.counters is not None and self.store is not None:
+            yield from metric_families(self.counters.collect(self.store.list_vms()))
         info = InfoMetricFamily("nkudo_build", "Build information of the nkudo edge agent")
         info.add_metric([], {"version": self.version, "python": platform.python_version()})
         yield info

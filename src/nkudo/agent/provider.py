@@ -109,6 +109,21 @@ class Provider(Protocol):
 
     def snapshot(self, paths: VmPaths, dest_dir: str, *, timeout: float) -> None: ...
 
+    def restore(
+        self,
+        spec: LaunchSpec,
+        paths: VmPaths,
+        snapshot_dir: str,
+        *,
+        timeout: float,
+        on_spawned: Callable[[ProcessRecord], None] | None = None,
+    ) -> ProcessRecord:
+        """Start a fresh VMM and restore the snapshot in ``snapshot_dir`` into it, left Paused.
+
+        ``spec`` is the restored VM's (its TAPs, MACs, disks and console, which for a clone differ
+        from the snapshot's); ``on_spawned`` as for :meth:`launch`. The snapshot's files are only read.
+        """
+
     def stop(
         self, paths: VmPaths, process: ProcessRecord | None, *, graceful_timeout: float, force: bool
     ) -> str:

@@ -11,6 +11,7 @@ from nkudo.agent.executor import Executor, Handler, Outcome
 from nkudo.agent.hostcmd import normalise_allowlist, run_command
 from nkudo.agent.network import HostNetwork
 from nkudo.agent.provider import ProcessRecord, Provider
+from nkudo.agent.restore import RestoreService
 from nkudo.agent.state import StateStore
 from nkudo.agent.vms import NetworkPort, VmConfig, VmService
 from nkudo.errors import ValidationError
@@ -36,6 +37,7 @@ class AgentConfig:
     exec_allow: tuple[str, ...] = ()
     net_backend: str = "auto"
     stop_timeout: float = 20.0
+    console_max_mib: int = 2  # serial console kept per VM on disk (nkudo.agent.console.rotate)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,7 +69,11 @@ class Agent:
             VmConfig(cfg.runtime_dir, cfg.snapshot_dir, cfg.image_roots, cfg.bridge, cfg.stop_timeout),
         )
         #: Every action type's handler; an executor with reporting callbacks (the daemon's) is built on these.
-        self.handlers: dict[str, Handler] = {**self.vms.handlers(), ActionType.COMMAND_EXECUTE: self._command}
+        self.handlers: dict[str, Handler] = {
+            **self.vms.handlers(),
+            ActionType.MICROVM_RESTORE: RestoreService(self.vms).restore,
+            ActionType.COMMAND_EXECUTE: self._command,
+        }
         #: Runs actions with no reporting (``apply``, ``unenroll --delete-vms``).
         self.executor = Executor(self.store, self.handlers)
 

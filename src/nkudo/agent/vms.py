@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from nkudo.agent import console
 from nkudo.agent import paths as P
 from nkudo.agent.disks import check_room, clone_image, fsync_dir, os_failure, write_atomic
 from nkudo.agent.executor import ActionContext
 from nkudo.agent.provider import LaunchSpec, NicPlan, Provider, VmPaths
 from nkudo.agent.rollback import rollback_create
+from nkudo.agent.snapshots import META_FILE, ROOTFS_FILE, SnapshotMeta, encode_meta
 from nkudo.agent.state import StateStore, VmRecord
 from nkudo.errors import NkudoError
 from nkudo.vmstate import VmStatus
@@ -85,6 +87,47 @@ class VmService:
             rootfs=os.path.join(d, "rootfs.img") if with_disks else None,
             seed_iso=os.path.join(d, "cloud-init.iso") if with_disks else None,
         )
+
+    def get(self, vm_id: str) -> VmRecord:
+        """The VM's record; ``VM_NOT_FOUND`` naming ``params.vm_id`` when there is none."""
+        return self._vm(vm_id)
+
+    def launch_spec(self, rec: VmRecord, p: VmPaths) -> LaunchSpec:
+        """What the provider needs to start (or restore) the VM of ``rec``, paths re-checked."""
+        return self._launch_spec(rec, p)
+
+    def result(self, rec: VmRecord, status: VmStatus, **extra: Any) -> dict[str, Any]:
+        """The result of a VM action (the same shape for every handler that leaves a VM)."""
+        return self._result(rec, status, **extra)
+
+    def check_host_paths(self, params: A.MicroVMCreate) -> None:
+        """Every host path a VM spec names lies inside the image roots (before anything is created)."""
+        if params.kernel_path:
+            P.within_roots(params.kernel_path, self.cfg.image_roots, "params.kernel_path")
+        if params.firmware_path:
+            P.within_roots(params.firmware_path, self.cfg.image_roots, "params.firmware_path")
+        if params.initramfs_path:
+            P.within_roots(params.initramfs_path, self.cfg.image_roots, "params.initramfs_path")
+        if params.image_path:
+            P.within_roots(params.image_path, self.cfg.image_roots, "params.image_path")
+        for i, d in enumerate(params.disks or []):
+            P.within_roots(d.path, self.cfg.image_roots, f"params.disks[{i}].path")
+
+    def write_seed(self, ctx: ActionContext, params: A.MicroVMCreate, p: VmPaths) -> None:
+        """The cloud-init seed ISO, once (it is derived from the spec only)."""
+        if params.cloud_init and p.seed_iso and not os.path.exists(p.seed_iso):
+            from nkudo.agent.seed import write_seed_iso
+
+            try:
+                n = write_seed_iso(
+                    p.seed_iso,
+                    params.cloud_init.user_data,
+                    params.cloud_init.meta_data,
+                    params.cloud_init.network_config,
+                )
+            except OSError as exc:
+                raise os_failure(exc, "writing the cloud-init seed failed", field="params.cloud_init") from None
+            ctx.log("cloud-init seed written", bytes=n)
 
     def _vm(self, vm_id: str) -> VmRecord:
         rec = self.store.get_vm(vm_id)
@@ -178,17 +221,7 @@ class VmService:
                     field="params.vm_id",
                 )
         else:
-            # Validate every host path the plan names before anything is created.
-            if params.kernel_path:
-                P.within_roots(params.kernel_path, self.cfg.image_roots, "params.kernel_path")
-            if params.firmware_path:
-                P.within_roots(params.firmware_path, self.cfg.image_roots, "params.firmware_path")
-            if params.initramfs_path:
-                P.within_roots(params.initramfs_path, self.cfg.image_roots, "params.initramfs_path")
-            if params.image_path:
-                P.within_roots(params.image_path, self.cfg.image_roots, "params.image_path")
-            for i, d in enumerate(params.disks or []):
-                P.within_roots(d.path, self.cfg.image_roots, f"params.disks[{i}].path")
+            self.check_host_paths(params)  # every host path the plan names, before anything is created
             # Marked pending until the create succeeds: only such a record is rolled back on failure.
             self.store.insert_vm(
                 vm_id, params.name, spec, p.runtime_dir, VmStatus.CREATING, create_pending=True
@@ -232,23 +265,10 @@ class VmService:
             except OSError as exc:
                 raise os_failure(exc, f"cloning {src!r} failed", field="params.image_path") from None
             ctx.log("root disk cloned", method=method)
-        if params.cloud_init and p.seed_iso and not os.path.exists(p.seed_iso):
-            from nkudo.agent.seed import write_seed_iso
+        self.write_seed(ctx, params, p)
 
-            try:
-                n = write_seed_iso(
-                    p.seed_iso,
-                    params.cloud_init.user_data,
-                    params.cloud_init.meta_data,
-                    params.cloud_init.network_config,
-                )
-            except OSError as exc:
-                raise os_failure(
-                    exc, "writing the cloud-init seed failed", field="params.cloud_init"
-                ) from None
-            ctx.log("cloud-init seed written", bytes=n)
-
-        state = self._ensure_running_vmm(ctx, rec, p, boot=params.start)
+        with console.on_failure(p.runtime_dir):  # issue 15: a timeout shows the console, not only "timed out"
+            state = self._ensure_running_vmm(ctx, rec, p, boot=params.start)
         rec = self._vm(vm_id)
         if rec.create_pending:
             self.store.update_vm(vm_id, create_pending=False)
@@ -259,7 +279,8 @@ class VmService:
         p = self.paths(rec.vm_id)
         if not rec.taps and rec.spec.get("nics"):
             raise NkudoError(f"VM {rec.vm_id} has no TAPs recorded", code=ErrorCode.VM_BROKEN)
-        state = self._ensure_running_vmm(ctx, rec, p, boot=True)
+        with console.on_failure(p.runtime_dir):
+            state = self._ensure_running_vmm(ctx, rec, p, boot=True)
         return self._result(self._vm(rec.vm_id), state)
 
     def stop(self, ctx: ActionContext, params: A.MicroVMStop) -> dict[str, Any]:
@@ -374,6 +395,7 @@ class VmService:
                 shutil.rmtree(staging)  # an interrupted attempt of this very action
             os.makedirs(staging, mode=0o700)
             self.provider.snapshot(p, staging, timeout=max(ctx.remaining(), 1.0))
+            self._snapshot_restorable(ctx, rec, p, staging)
             os.rename(staging, dest)
             fsync_dir(parent)
         if was_running and self.provider.state(p, timeout=5.0) == VmStatus.PAUSED:
@@ -383,6 +405,22 @@ class VmService:
         files = _listing(dest)
         ctx.log("snapshot written", files=len(files))
         return {"vm_id": rec.vm_id, "snapshot_dir": dest, "files": files, "resumed": was_running}
+
+
+    def _snapshot_restorable(self, ctx: ActionContext, rec: VmRecord, p: VmPaths, staging: str) -> None:
+        """What MicroVMRestore needs besides the hypervisor's files: the root disk and the agent's record.
+
+        Why the disk: the guest's memory refers to the disk as it is now (the VM is paused), and a
+        restore after a delete has no other copy of it. Cloned (reflink or sparse), as a create does.
+        """
+        if p.rootfs and os.path.exists(p.rootfs):
+            try:
+                method = clone_image(p.rootfs, os.path.join(staging, ROOTFS_FILE))
+            except OSError as exc:
+                raise os_failure(exc, "copying the root disk into the snapshot failed") from None
+            ctx.log("root disk copied into the snapshot", method=method)
+        meta = SnapshotMeta(rec.vm_id, rec.name, self.provider.name, rec.spec, [n.mac for n in rec.nics])
+        write_atomic(os.path.join(staging, META_FILE), encode_meta(meta))
 
 
 def _read_json(path: str) -> dict[str, Any] | None:

@@ -224,14 +224,14 @@ class Vmm:
         self.emit("vm", "booted", None)
         return Reply(204)
 
-    def _start_vm(self, state: str) -> None:
+    def _start_vm(self, state: str, how: str = "booted") -> None:
         self.vm = Vm(state, time.monotonic())
         if self.opts.crash_after_boot is not None:
             self.crash_at = time.monotonic() + self.opts.crash_after_boot
         if self.serial_path:
             try:
                 with open(self.serial_path, "a", encoding="utf-8") as f:
-                    f.write("nkudo-ch-sim: simulated guest booted (no real kernel runs)\n")
+                    f.write(f"nkudo-ch-sim: simulated guest {how} (no real kernel runs)\n")
             except OSError as exc:
                 self.log("warn", f"cannot write serial file {self.serial_path}: {exc}")
 
@@ -514,10 +514,25 @@ class Vmm:
         for n in net_fds:
             if n.get("id") not in known:
                 raise ApiFailure(500, [E_API, what, inner, f"No net device with id {n.get('id')!r} in the snapshot"])
+        # CH restores guest RAM from memory-ranges: a file shorter than the VM's memory cannot be the snapshot's.
+        mem = int((cfg.get("memory") or {}).get("size") or DEFAULT_MEMORY)
+        have = (src / "memory-ranges").stat().st_size
+        if have < mem:
+            raise ApiFailure(500, [E_API, what, inner, f"Failed to restore memory: memory-ranges holds {have} bytes, "
+                                                       f"the VM has {mem}"])  # fmt: skip
+        # CH re-opens every disk config.json names (and the serial file): a disk that is gone fails the restore.
+        if self.opts.check_payload_files:
+            for d in cfg.get("disks") or []:
+                if d.get("path") and not os.path.exists(d["path"]):
+                    raise ApiFailure(500, [E_API, what, inner, f"Cannot open disk path {d['path']}: "
+                                                               "No such file or directory (os error 2)"])  # fmt: skip
+        serial = cfg.get("serial") or {}
+        if serial.get("mode") == "File" and serial.get("file"):
+            self.serial_path = str(serial["file"])
         self.emit("vm", "restoring", None)
         self.config = cfg
         self.id_counter = int((state.get("nkudo_ch_sim") or {}).get("id_counter", 0))
-        self._start_vm("Running" if body.get("resume") else "Paused")
+        self._start_vm("Running" if body.get("resume") else "Paused", "restored from a snapshot")
         self.emit("vm", "restored", None)
         return Reply(204)
 

@@ -20,10 +20,19 @@ ENROLL_ADVICE: dict[str, str] = {  # keyed by ErrorCode (a str): looked up with 
     ErrorCode.TOKEN_ALREADY_USED: "The enrollment token was already used: each token enrolls one host. Create a new one.",
     ErrorCode.HOST_ALREADY_ENROLLED: "The control plane already has an agent for this host name in this site; "
     "unenroll it there first, or enroll with --hostname.",
+    ErrorCode.QUOTA_EXCEEDED: "The site has as many agents as its tenant quota allows (max_agents_per_site); the token "
+    "was not used. Unenroll an agent of the site or ask the operator to raise the quota, then retry.",
     ErrorCode.INVALID_CSR: "The control plane refused the certificate request; this is a bug, please report it.",
     ErrorCode.CP_UNREACHABLE: "Check the --control-plane URL, DNS and firewall, then retry.",
     ErrorCode.CP_TLS_UNTRUSTED: "Pass --ca-file with the CA certificate of the control plane (or --insecure-skip-verify for development).",
+    ErrorCode.RATE_LIMITED: "The control plane is limiting enrollments from this address; retry later.",
+    ErrorCode.LOCKED_OUT: "Too many invalid enrollment tokens were tried from this address; it is locked out "
+    "for the time the message says. Check the token, then retry after that.",
 }
+#: Issue 12: a rate-limited enrollment is retried after the server's Retry-After, this many times and for at
+#: most this long in all (a lock-out is never waited for: it lasts minutes and is reported instead).
+ENROLL_ATTEMPTS = 5
+ENROLL_MAX_WAIT = 120.0
 
 
 def agent_config(p: dict[str, Any]) -> Any:
@@ -42,6 +51,7 @@ def agent_config(p: dict[str, Any]) -> Any:
         bridge=p["bridge"],
         exec_allow=tuple(p["exec_allow"]),
         net_backend=p["net_backend"],
+        console_max_mib=p["console_max_mib"],
     )
 
 
@@ -141,7 +151,7 @@ def run_enroll(p: dict[str, Any]) -> int:
             labels=labels,
         )
         try:
-            resp = client.enroll(req)
+            resp = _enroll_honouring_429(client, req)
         except (CpError, CpUnreachable) as exc:
             return fail(p, exc, ENROLL_ADVICE.get(exc.code, ""))
         pki.write(pki.key, key_pem)
@@ -185,6 +195,29 @@ def run_enroll(p: dict[str, Any]) -> int:
             "Start the agent with: nkudo-edge run\n"
         )
     return 0
+
+
+def _enroll_honouring_429(client: Any, req: Any) -> Any:
+    """``client.enroll(req)``, waiting out a ``RATE_LIMITED`` 429 for its ``Retry-After`` (never a hot loop)."""
+    import random
+    import time
+
+    from nkudo.agent.cpclient import CpError, rate_limited_delay
+
+    waited = 0.0
+    for attempt in range(1, ENROLL_ATTEMPTS + 1):
+        try:
+            return client.enroll(req)
+        except CpError as exc:
+            if exc.code != ErrorCode.RATE_LIMITED or attempt == ENROLL_ATTEMPTS:
+                raise
+            wait = rate_limited_delay(exc.retry_after, 5.0, random.random())  # noqa: S311 - jitter
+            if waited + wait > ENROLL_MAX_WAIT:
+                raise
+            sys.stderr.write(f"The control plane is rate-limiting enrollment; retrying in {wait:.0f} s\n")
+            time.sleep(wait)
+            waited += wait
+    raise AssertionError("unreachable")
 
 
 def _version() -> str:
@@ -236,9 +269,11 @@ def run_run(p: dict[str, Any]) -> int:
 
 def _metrics(agent: Any, p: dict[str, Any]) -> Any:
     from nkudo import __version__
+    from nkudo.agent.counters import VmCounterCollector
     from nkudo.agent.metrics import AgentMetrics
 
-    return AgentMetrics(agent.store, [p["state_dir"], p["runtime_dir"], p["snapshot_dir"]], __version__)
+    counters = VmCounterCollector(agent.cfg.net_backend)  # issue 15: per-VM kernel counters, scrape and heartbeat
+    return AgentMetrics(agent.store, [p["state_dir"], p["runtime_dir"], p["snapshot_dir"]], __version__, counters)
 
 
 def run_status(p: dict[str, Any]) -> int:
@@ -284,7 +319,7 @@ def run_unenroll(p: dict[str, Any]) -> int:
         remote = "done"
         client = cp_client(ident, pki)
         try:
-            client.unenroll(wm.UnenrollRequest())
+            client.unenroll(wm.UnenrollRequest(reason=p["reason"]))  # the CRL entry's reason code
         except (CpError, CpUnreachable) as exc:
             if isinstance(exc, CpError) and exc.identity_gone:
                 remote = f"already gone ({exc.code})"

@@ -70,11 +70,14 @@ def cli(ctx: click.Context, /, **params: Any) -> None:
 def _command(spec: options.Command) -> None:
     """A click command that only parses: it returns ``(name, params)`` for :func:`entry.dispatch`."""
 
-    @cli.command(name=spec.name, help=spec.help, context_settings=CONTEXT)
-    @_with_options(spec.opts + options.GLOBAL_OPTS_AFTER)
     @click.pass_obj
     def _cmd(obj: dict[str, Any], /, **params: Any) -> tuple[str, dict[str, Any]]:
         return spec.name, _merge_globals(obj, params)
+
+    for arg in reversed(spec.args):
+        _cmd = click.argument(arg.lower(), metavar=arg)(_cmd)
+    _cmd = _with_options(spec.opts + options.GLOBAL_OPTS_AFTER)(_cmd)
+    cli.command(name=spec.name, help=spec.help, context_settings=CONTEXT)(_cmd)
 
 
 def _merge_globals(obj: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -178,6 +178,15 @@ def run_apply(p: dict[str, Any]) -> int:
 RUNNERS["apply"] = run_apply
 
 
+def run_console(p: dict[str, Any]) -> int:
+    from nkudo.cli.consolecmd import run_console as run
+
+    return run(p)
+
+
+RUNNERS["console"] = run_console
+
+
 def _agent_runner(name: str) -> Any:
     def run(p: dict[str, Any]) -> int:
         from nkudo.cli.agentcmds import RUNNERS as AGENT

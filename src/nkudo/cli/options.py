@@ -250,6 +250,13 @@ AGENT_OPTS: tuple[Opt, ...] = (
         choices=("auto", "native", "twin", "pyroute2"),
         help="Netlink backend for bridges and TAPs.",
     ),
+    Opt(
+        "--console-max-mib",
+        default=2,
+        envvar="NKUDO_CONSOLE_MAX_MIB",
+        kind="int",
+        help="Serial console output kept on disk per VM (MiB); older output is deallocated in place.",
+    ),
 )
 
 COMMAND_OPTS["apply"] = (
@@ -332,6 +339,12 @@ COMMAND_OPTS["unenroll"] = (
     Opt("--keep-vms", is_flag=True, default=False, help="Leave the VMs running."),
     Opt("--delete-vms", is_flag=True, default=False, help="Stop and delete the VMs (the default)."),
     Opt(
+        "--reason",
+        default="retired",
+        choices=("compromised", "retired"),
+        help="Why: 'compromised' has the certificate revoked for key compromise, 'retired' for end of service.",
+    ),
+    Opt(
         "--force",
         is_flag=True,
         default=False,
@@ -348,17 +361,26 @@ COMMAND_OPTS["renew"] = (
 
 COMMAND_OPTS["verify-heartbeat"] = (JSON_OPT, PKI_OPT)
 
+COMMAND_OPTS["console"] = (
+    RUNTIME_DIR_OPT,
+    Opt("--lines", default=50, kind="int", help="How many of the last lines to print (1-10000)."),
+    Opt("--follow", is_flag=True, default=False, help="Keep printing new console output until interrupted."),
+)
+
 
 class Command:
-    """One command: its help text, its options (from COMMAND_OPTS) and whether the fast path serves it."""
+    """One command: its help text, its options (from COMMAND_OPTS), its positional arguments (upper-case
+    names, each a required string; only click parses them, so a command with any is not a fast one) and
+    whether the fast path serves it."""
 
-    __slots__ = ("fast", "help", "name", "opts")
+    __slots__ = ("args", "fast", "help", "name", "opts")
 
-    def __init__(self, name: str, help: str, *, fast: bool = False) -> None:
+    def __init__(self, name: str, help: str, *, fast: bool = False, args: tuple[str, ...] = ()) -> None:
         self.name = name
         self.help = help
         self.opts = COMMAND_OPTS[name]
-        self.fast = fast
+        self.fast = fast and not args
+        self.args = args
 
 
 #: The top-level help of ``nkudo-edge``.
@@ -398,6 +420,11 @@ COMMANDS: dict[str, Command] = {
             "apply",
             "Run a plan locally (no control plane): one line per action. "
             "Exit 0 only if every action succeeded.",
+        ),
+        Command(
+            "console",
+            "Print the last lines of a VM's serial console, control sequences removed; --follow keeps printing.",
+            args=("VM_ID",),
         ),
     )
 }

@@ -125,6 +125,12 @@ class NetlinkSocket:
         seq = self._next_seq()
         return [rtnl.parse_link(p) for p in self._transact(rtnl.build_dump_links(seq), seq, rtnl.RTM_GETLINK)]
 
+    def dump_tap_stats(self) -> list[rtnl.TapStats]:
+        """Every TAP's ``IFLA_STATS64`` counters from one dump (see :func:`nkudo.net.rtnl.parse_tap_stats`)."""
+        seq = self._next_seq()
+        payloads = self._transact(rtnl.build_dump_tap_stats(seq), seq, rtnl.RTM_GETLINK)
+        return [s for s in map(rtnl.parse_tap_stats, payloads) if s is not None]
+
     def set_link(
         self,
         index: int = 0,

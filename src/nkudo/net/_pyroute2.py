@@ -101,6 +101,23 @@ class Pyroute2Driver:
         except NetlinkError as exc:
             raise _oserror(exc, "RTM_GETLINK") from None
 
+    def dump_tap_stats(self) -> list[rtnl.TapStats]:
+        """The reference for the native dump: ``get_links()`` (every device, decoded in full), TAPs kept."""
+        try:
+            msgs = self._ipr.get_links()
+        except NetlinkError as exc:
+            raise _oserror(exc, "RTM_GETLINK") from None
+        out: list[rtnl.TapStats] = []
+        for m in msgs:
+            d = _to_dict(m)
+            tun = d["tun"]
+            st = m.get_attr("IFLA_STATS64")
+            if d["kind"] != "tun" or not isinstance(tun, dict) or tun["type"] != "tap" or st is None:
+                continue
+            stats = tuple(int(st[f]) for f in rtnl.STATS_FIELDS)
+            out.append((int(m["index"]), str(d["name"]), d["alias"], stats))  # type: ignore[arg-type]
+        return out
+
     def set_link(
         self,
         index: int = 0,

@@ -38,7 +38,7 @@ from nkudo.net.errors import (
     NetNotOwned,
     NetPermissionDenied,
 )
-from nkudo.net.link import OWNER_PREFIX, Link
+from nkudo.net.link import OWNER_PREFIX, Link, LinkCounters
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
         def get_link(self, name: str) -> dict[str, object] | None: ...
 
         def dump_links(self) -> list[dict[str, object]]: ...
+
+        def dump_tap_stats(self) -> list[rtnl.TapStats]: ...
 
         def set_link(
             self,
@@ -245,6 +247,24 @@ class HostNet:
         except OSError as exc:
             raise map_oserror(exc, "list", "all links") from None
         return [lk for lk in links if lk.vm_id is not None and (vm_id is None or lk.vm_id == vm_id)]
+
+    def tap_stats(self) -> dict[str, dict[str, LinkCounters]]:
+        """Counters of every TAP carrying an owner marker, by VM id then TAP name, from one dump.
+
+        Only what exists is returned: a VM whose TAPs are gone has no entry (not zeros, which would read
+        as a counter reset). Ownership is :attr:`Link.vm_id`'s rule: a TAP (the driver only returns TAPs)
+        whose alias carries the marker.
+        """
+        try:
+            found = self._d.dump_tap_stats()
+        except OSError as exc:
+            raise map_oserror(exc, "read the counters of", "all TAPs") from None
+        out: dict[str, dict[str, LinkCounters]] = {}
+        n = len(OWNER_PREFIX)
+        for _index, name, alias, stats in found:
+            if alias is not None and alias.startswith(OWNER_PREFIX) and len(alias) > n:
+                out.setdefault(alias[n:], {})[name] = LinkCounters._make(stats)
+        return out
 
     # bridges ---------------------------------------------------------------
 

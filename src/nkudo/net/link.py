@@ -7,6 +7,8 @@ here, and every backend's lookups go through :class:`Link`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 OWNER_PREFIX = "nkudo:vm="
 
 
@@ -90,3 +92,20 @@ class Link:
         return (
             f"Link({self.name!r}, index={self.index}, kind={self.kind!r}, up={self.up}, master={self.master})"
         )
+
+
+class LinkCounters(NamedTuple):
+    """A device's ``IFLA_STATS64`` counters in the kernel's (the device's) direction.
+
+    Why a NamedTuple: one is built per TAP per scrape straight from the driver's tuple (``_make``), the
+    order being :data:`nkudo.net.rtnl.STATS_FIELDS`, with no per-field copying.
+    """
+
+    rx_bytes: int
+    rx_packets: int
+    rx_errors: int
+    rx_dropped: int
+    tx_bytes: int
+    tx_packets: int
+    tx_errors: int
+    tx_dropped: int

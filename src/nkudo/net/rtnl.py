@@ -258,3 +258,52 @@ def parse_tun_info(data: bytes) -> dict[str, object]:
         "persist": _flag(a, IFLA_TUN_PERSIST),
         "multi_queue": _flag(a, IFLA_TUN_MULTI_QUEUE),
     }
+
+
+# --------------------------------------------------------------------------- per-TAP counters (issue 15)
+
+IFLA_STATS64 = 23
+#: ``struct rtnl_link_stats64`` starts with these eight u64s (in this order).
+_STATS64_HEAD = struct.Struct("=8Q")
+#: Index of each field of :data:`STATS_FIELDS` in ``struct rtnl_link_stats64``.
+_STATS64_ORDER = (2, 0, 4, 6, 3, 1, 5, 7)
+#: What :func:`parse_tap_stats` returns per device, in the kernel's (device's) direction.
+STATS_FIELDS = ("rx_bytes", "rx_packets", "rx_errors", "rx_dropped", "tx_bytes", "tx_packets", "tx_errors", "tx_dropped")
+
+#: One TAP's counters: ``(ifindex, name, ifalias or None, eight counters in STATS_FIELDS order)``.
+TapStats = tuple[int, str, str | None, tuple[int, int, int, int, int, int, int, int]]
+
+_TUN_KIND_FILTER = rtattr(IFLA_LINKINFO, rtattr(IFLA_INFO_KIND, b"tun\0"))
+
+
+def build_dump_tap_stats(seq: int) -> bytes:
+    """A link dump with statistics, asking the kernel to send only ``tun`` devices.
+
+    Why the kind filter: the kernel skips other devices (``NLM_F_DUMP_FILTERED``) so a host with many
+    veths and bridges costs no more than its TAPs; kernels without the filter send everything and
+    :func:`parse_tap_stats` drops what is not a TAP, so the result is the same either way.
+    """
+    return _link_msg(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, 0, 0, _TUN_KIND_FILTER)
+
+
+def parse_tap_stats(payload: bytes) -> TapStats | None:
+    """A TAP's counters from an RTM_NEWLINK payload; None for any other device or one without IFLA_STATS64."""
+    _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(payload, 0)
+    attrs = parse_attrs(payload, _IFINFOMSG.size)
+    info = attrs.get(IFLA_LINKINFO)
+    if info is None:
+        return None
+    linfo = parse_attrs(info)
+    if _cstr(linfo.get(IFLA_INFO_KIND, b"")) != "tun":
+        return None
+    data = linfo.get(IFLA_INFO_DATA)
+    ttype = parse_attrs(data).get(IFLA_TUN_TYPE) if data is not None else None
+    if not ttype or ttype[0] != IFF_TAP:
+        return None
+    raw = attrs.get(IFLA_STATS64)
+    if raw is None or len(raw) < _STATS64_HEAD.size:
+        return None
+    head = _STATS64_HEAD.unpack_from(raw, 0)
+    stats = tuple(head[i] for i in _STATS64_ORDER)
+    alias = _cstr(attrs[IFLA_IFALIAS]) if IFLA_IFALIAS in attrs else None
+    return (index, _cstr(attrs.get(IFLA_IFNAME, b"")), alias, stats)

@@ -121,6 +121,19 @@ class MicroVMSnapshot(_Strict):
     snapshot_name: Ident
 
 
+class MicroVMRestore(_Strict):
+    """Restore ``snapshot_name`` of ``source_vm_id`` (default: ``vm_id`` itself) as VM ``vm_id``.
+
+    Why ``source_vm_id``: with it the snapshot becomes a clone under a new id (own TAPs, MACs and
+    runtime directory); without it the VM comes back as itself after a delete or a crash.
+    """
+
+    vm_id: Ident
+    snapshot_name: Ident
+    source_vm_id: Ident | None = None
+    start: bool = True
+
+
 class CommandExecute(_Strict):
     command: Command
     args: Annotated[list[Arg], msgspec.Meta(max_length=256)] = msgspec.field(default_factory=list)
@@ -136,6 +149,7 @@ ActionParams = (
     | MicroVMPause
     | MicroVMResume
     | MicroVMSnapshot
+    | MicroVMRestore
     | CommandExecute
 )
 
@@ -148,6 +162,7 @@ ACTION_TYPES: Final[dict[str, type[ActionParams]]] = {
     ActionType.MICROVM_PAUSE: MicroVMPause,
     ActionType.MICROVM_RESUME: MicroVMResume,
     ActionType.MICROVM_SNAPSHOT: MicroVMSnapshot,
+    ActionType.MICROVM_RESTORE: MicroVMRestore,
     ActionType.COMMAND_EXECUTE: CommandExecute,
 }
 
@@ -155,6 +170,7 @@ ACTION_TYPES: Final[dict[str, type[ActionParams]]] = {
 DEFAULT_TIMEOUTS: Final[dict[str, int]] = {
     ActionType.MICROVM_CREATE: 300,
     ActionType.MICROVM_SNAPSHOT: 600,
+    ActionType.MICROVM_RESTORE: 600,
 }
 DEFAULT_TIMEOUT: Final = 120
 

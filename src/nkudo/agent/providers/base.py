@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nkudo import log
+from nkudo.agent import console
 from nkudo.agent.provider import LaunchSpec, ProcessRecord, VmPaths, process_record
 from nkudo.errors import NkudoError, ValidationError
 from nkudo.proc import process as proc
@@ -78,6 +79,16 @@ class VmmProcessProvider:
         """Wait until the new VMM answers and give it the VM's configuration (not booted)."""
         raise NotImplementedError
 
+    def restore_argv(self, spec: LaunchSpec, paths: VmPaths) -> list[str]:
+        """The command line of a VMM that will receive a snapshot (default: the one of :meth:`argv`)."""
+        return self.argv(spec, paths)
+
+    def configure_restore(
+        self, handle: proc.ProcessHandle, spec: LaunchSpec, paths: VmPaths, snapshot_dir: str, deadline: float
+    ) -> None:
+        """Wait until the new VMM answers and load the snapshot into it (left Paused) by ``deadline``."""
+        raise NotImplementedError
+
     def stop_recorded(
         self, paths: VmPaths, process: ProcessRecord | None, *, graceful_timeout: float, force: bool
     ) -> str:
@@ -107,13 +118,47 @@ class VmmProcessProvider:
         timeout: float,
         on_spawned: Callable[[ProcessRecord], None] | None = None,
     ) -> ProcessRecord:
+        return self._start(
+            self.argv, spec, paths, on_spawned,
+            lambda h: self.configure(h, spec, paths, time.monotonic() + min(timeout, self.ready_timeout)),
+        )  # fmt: skip
+
+    def restore(
+        self,
+        spec: LaunchSpec,
+        paths: VmPaths,
+        snapshot_dir: str,
+        *,
+        timeout: float,
+        on_spawned: Callable[[ProcessRecord], None] | None = None,
+    ) -> ProcessRecord:
+        """Spawn a VMM exactly as :meth:`launch` does (recorded, supervised) and restore into it.
+
+        Why the whole ``timeout`` for the restore and not ``ready_timeout``: loading the guest's
+        memory takes time proportional to its size; readiness is bounded inside the hook.
+        """
+        deadline = time.monotonic() + timeout
+        return self._start(
+            self.restore_argv, spec, paths, on_spawned,
+            lambda h: self.configure_restore(h, spec, paths, snapshot_dir, deadline),
+        )  # fmt: skip
+
+    def _start(
+        self,
+        argv_of: Callable[[LaunchSpec, VmPaths], list[str]],
+        spec: LaunchSpec,
+        paths: VmPaths,
+        on_spawned: Callable[[ProcessRecord], None] | None,
+        configure: Callable[[proc.ProcessHandle], None],
+    ) -> ProcessRecord:
         # An agent killed between spawning a VMM and recording it leaves an unrecorded VMM on this
         # VM's socket: find it by its command line and end it, so there is never a second one
         # (and its socket is only removed once no process serves it).
         self.end_marker_processes(paths)
         if os.path.exists(paths.api_socket):
             os.unlink(paths.api_socket)  # left by a VMM that died
-        argv = self.argv(spec, paths)
+        argv = argv_of(spec, paths)
+        console.prepare_for_launch(paths.console_log)  # the VMM truncates it: keep the last run's console
         handle = proc.spawn(argv, env=VMM_ENV, log_path=paths.vmm_log, marker=paths.api_socket)
         self._handles[handle.pid] = handle
         try:
@@ -121,7 +166,7 @@ class VmmProcessProvider:
                 # Durable before the VMM gets its config: no unrecorded VMM after a crash. This record
                 # may still name a launcher; the marker keeps such a VMM findable (see reconcile).
                 on_spawned(process_record(handle.identity))
-            self.configure(handle, spec, paths, time.monotonic() + min(timeout, self.ready_timeout))
+            configure(handle)
             self._identify_final(handle, paths)
         except BaseException:
             self._terminate(handle)

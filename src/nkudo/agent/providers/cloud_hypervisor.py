@@ -8,14 +8,20 @@ real ``cloud-hypervisor`` binary and with ``nkudo-ch-sim``.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from typing import Any
 
+from nkudo.agent.disks import write_atomic
 from nkudo.agent.provider import LaunchSpec, ProcessRecord, VmPaths
 from nkudo.agent.providers.base import ExitCallback, VmmProcessProvider
 from nkudo.chapi import ChApiError, ChClient, ChTransportError, NotFoundError, wait_ready
+from nkudo.errors import NkudoError
 from nkudo.proc import process as proc
 from nkudo.vmstate import VmStatus
+from nkudo.wire.vocab import ErrorCode
 
 _STATES = {
     "Created": VmStatus.CREATED,
@@ -50,6 +56,48 @@ def vm_config(spec: LaunchSpec, paths: VmPaths) -> dict[str, Any]:
     return cfg
 
 
+#: Where the restore source (the snapshot's files, config.json rewritten for this VM) is assembled.
+RESTORE_SOURCE = "restore-source"
+#: Files of the snapshot directory that are the agent's own, not Cloud Hypervisor's.
+_NOT_CH = (".nkudo-vm.json", "rootfs.img", "config.json")
+
+
+def restore_source(snapshot_dir: str, spec: LaunchSpec, paths: VmPaths) -> str:
+    """A directory for ``vm.restore``: the snapshot's ``config.json`` rewritten for ``spec``, the rest linked.
+
+    Why not restore from the snapshot directory itself: ``config.json`` names the TAPs, MACs, disks
+    and console file of the VM the snapshot was taken of, and Cloud Hypervisor re-opens exactly those
+    (a clone must get its own, and the runtime directory they lived in may be gone). The reference
+    documents ``config.json`` as the place to change them; the copy is edited, never the snapshot,
+    and the state and memory files are symlinked (only read by the VMM).
+    """
+    with open(os.path.join(snapshot_dir, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    if not isinstance(cfg, dict):
+        raise NkudoError(f"{snapshot_dir}/config.json is not an object", code=ErrorCode.SNAPSHOT_INVALID)
+    want = vm_config(spec, paths)
+    nets = cfg.get("net") or []
+    if len(nets) != len(spec.nics) or len(cfg.get("disks") or []) != len(spec.disks):
+        raise NkudoError(
+            f"{snapshot_dir}/config.json has {len(nets)} NIC(s) and {len(cfg.get('disks') or [])} disk(s); "
+            f"the VM has {len(spec.nics)} and {len(spec.disks)}",
+            code=ErrorCode.SNAPSHOT_INVALID,
+        )
+    for net, nic in zip(nets, spec.nics, strict=True):
+        net.update(tap=nic.tap, mac=nic.mac)
+    for disk, (path, _ro) in zip(cfg.get("disks") or [], spec.disks, strict=True):
+        disk["path"] = path
+    cfg["serial"] = want["serial"]
+    dest = os.path.join(paths.runtime_dir, RESTORE_SOURCE)
+    shutil.rmtree(dest, ignore_errors=True)  # what an interrupted attempt assembled
+    os.makedirs(dest, mode=0o700)
+    for name in sorted(os.listdir(snapshot_dir)):
+        if name not in _NOT_CH and not name.startswith("."):
+            os.symlink(os.path.join(snapshot_dir, name), os.path.join(dest, name))
+    write_atomic(os.path.join(dest, "config.json"), json.dumps(cfg, indent=2).encode())
+    return dest
+
+
 class CloudHypervisorProvider(VmmProcessProvider):
     name = "cloud-hypervisor"
 
@@ -81,6 +129,18 @@ class CloudHypervisorProvider(VmmProcessProvider):
             handle, paths, deadline, lambda t: wait_ready(paths.api_socket, timeout=t), ChApiError
         )
         self._client(paths).create(vm_config(spec, paths), timeout=max(0.5, deadline - time.monotonic()))
+
+    def configure_restore(
+        self, handle: proc.ProcessHandle, spec: LaunchSpec, paths: VmPaths, snapshot_dir: str, deadline: float
+    ) -> None:
+        """``vm.restore`` (not resumed) from the snapshot, with this VM's TAPs, MACs, disks and console."""
+        ready = min(deadline, time.monotonic() + self.ready_timeout)
+        self.wait_until(handle, paths, ready, lambda t: wait_ready(paths.api_socket, timeout=t), ChApiError)
+        try:
+            src = restore_source(snapshot_dir, spec, paths)
+        except (OSError, ValueError) as exc:
+            raise NkudoError(f"cannot read the snapshot in {snapshot_dir}: {exc}", code=ErrorCode.SNAPSHOT_INVALID) from None
+        self._client(paths).restore(src, resume=False, timeout=max(0.5, deadline - time.monotonic()))
 
     def state(self, paths: VmPaths, *, timeout: float) -> VmStatus | None:
         try:

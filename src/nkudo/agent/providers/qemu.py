@@ -11,10 +11,11 @@ extends; TAPs, durable state and idempotency live in the handlers
 (:mod:`nkudo.agent.vms`) as for every provider. Only the VMM dialect differs:
 a command line instead of ``vm.create``, and QMP instead of the REST API.
 
-The eight actions: create = spawn with ``-S`` (configured, CPUs not started:
+The actions: create = spawn with ``-S`` (configured, CPUs not started:
 ``prelaunch``), boot/resume = ``cont``, pause = ``stop``, snapshot = pause +
 ``migrate`` of the whole device and RAM state into a file in the snapshot
-directory + resume if it was running, stop = ``system_powerdown`` (ACPI power
+directory + resume if it was running, restore = spawn with ``-incoming defer`` and
+``migrate-incoming`` from that file (then ``cont``), stop = ``system_powerdown`` (ACPI power
 button; the guest powers itself off and QEMU exits) then ``quit`` after the
 timeout, then signals; delete = stop + the handlers' clean-up.
 
@@ -237,6 +238,63 @@ class QemuProvider(VmmProcessProvider):
                 f"QEMU started in state {status!r}, expected 'prelaunch'", code=ErrorCode.VMM_START_FAILED
             )
 
+    def restore_argv(self, spec: LaunchSpec, paths: VmPaths) -> list[str]:
+        """The VM's own command line, waiting for a migration stream (``-incoming defer``)."""
+        return [*self.argv(spec, paths), "-incoming", "defer"]
+
+    def configure_restore(
+        self, handle: proc.ProcessHandle, spec: LaunchSpec, paths: VmPaths, snapshot_dir: str, deadline: float
+    ) -> None:
+        """``migrate-incoming`` from the snapshot's state file, handed over as a read-only descriptor.
+
+        Why ``defer`` + ``fd:``: the descriptor is opened by the agent (read-only, so the snapshot
+        cannot be written through it) and passed with ``getfd`` as the snapshot was; ``-S`` on the
+        command line leaves the loaded guest ``paused`` until the handler resumes it.
+        """
+
+        def probe(t: float) -> str:
+            with self._qmp(paths, t) as c:
+                return c.status()
+
+        ready = min(deadline, time.monotonic() + self.ready_timeout)
+        status = self.wait_until(handle, paths, ready, probe, QmpTransportError)
+        if status != "inmigrate":
+            raise NkudoError(f"QEMU started in state {status!r}, expected 'inmigrate'", code=ErrorCode.VMM_START_FAILED)
+        state_file = os.path.join(snapshot_dir, SNAPSHOT_FILE)
+        try:
+            fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NkudoError(
+                f"cannot open the snapshot's state file {state_file}: {exc.strerror}", code=ErrorCode.SNAPSHOT_INVALID
+            ) from None
+        try:
+            with self._qmp(paths, 10.0) as c:
+                try:
+                    c.execute("getfd", {"fdname": "nkudo-restore"}, fds=[fd])
+                finally:
+                    os.close(fd)
+                c.execute("migrate-incoming", {"uri": "fd:nkudo-restore"})
+                while (status := c.status()) == "inmigrate":
+                    info = c.execute("query-migrate")
+                    if info.get("status") in ("failed", "cancelled"):
+                        raise NkudoError(
+                            f"restore {info.get('status')}: {info.get('error-desc', 'no reason given')}",
+                            code=ErrorCode.RESTORE_FAILED,
+                        )
+                    if time.monotonic() >= deadline:
+                        raise NkudoError("restore did not complete in time", code=ErrorCode.RESTORE_FAILED)
+                    time.sleep(0.02)
+        except (QmpConnectionClosedError, QmpTransportError):
+            # QEMU exits when an incoming stream cannot be loaded; its reason is in vmm.log.
+            if handle.wait(2.0) is None:
+                raise
+            raise NkudoError(
+                f"QEMU exited while loading the snapshot ({handle.status}); see {paths.vmm_log}",
+                code=ErrorCode.RESTORE_FAILED,
+            ) from None
+        if status != "paused":
+            raise NkudoError(f"QEMU is {status!r} after the restore, expected 'paused'", code=ErrorCode.RESTORE_FAILED)
+
     def state(self, paths: VmPaths, *, timeout: float) -> VmStatus | None:
         try:
             with self._qmp(paths, timeout) as c:
@@ -302,9 +360,8 @@ class QemuProvider(VmmProcessProvider):
                     "qemu_version": ".".join(map(str, c.version)),
                     "size_bytes": os.path.getsize(dest),
                     "total_time_ms": info.get("total-time"),
-                    "restore": "start QEMU with the VM's arguments plus -incoming 'exec:cat "
-                    + SNAPSHOT_FILE
-                    + "'",
+                    "restore": "QEMU with the VM's arguments plus -incoming defer, then getfd + "
+                    "migrate-incoming fd: of " + SNAPSHOT_FILE + " (MicroVMRestore)",
                 }
                 tmp = os.path.join(dest_dir, SNAPSHOT_META + ".tmp")
                 with open(tmp, "w", encoding="utf-8") as f:
