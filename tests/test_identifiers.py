@@ -41,6 +41,7 @@ class Kind(Enum):
     TEXT = "text"  # free-text names: any script, but no control/format characters or lone surrogates
     PATH = "path"  # host paths: any script, but no control characters or lone surrogates
     ARG = "arg"  # command arguments: anything execve can pass (no NUL, no lone surrogates)
+    CONSOLE = "console"  # console text (issue 15): lines and tabs, but no other control/direction character
 
 
 #: Per pattern: its kind and values it must accept. A new pattern fails ``test_every_pattern_is_known``
@@ -59,6 +60,7 @@ PATTERNS: dict[str, tuple[Kind, list[str]]] = {
     cp_models.SLUG_PATTERN: (Kind.IDENT, ["acme", "t-0123", "a" * 63]),
     cp_models.NAME_PATTERN: (Kind.TEXT, ["Acme", "Café Zürich", "Кафе", "a b", "x" * 200]),
     cp_models.IDEM_KEY_PATTERN: (Kind.IDENT, ["k", "deploy:2024.1_a-b", "k" * 200]),
+    wm.ConsoleText.__metadata__[0].pattern: (Kind.CONSOLE, ["", "login: root\n", "a\tb\nKernel panic\n", "Кафе"]),
 }
 
 NEWLINES = ["\n", "\r\n", "\r"]
@@ -85,6 +87,7 @@ REFUSED: dict[Kind, list[str]] = {
     Kind.TEXT: NEWLINES + CONTROLS + SURROGATES + INVISIBLE,
     Kind.PATH: NEWLINES + CONTROLS + SURROGATES,
     Kind.ARG: ["\x00", *SURROGATES],
+    Kind.CONSOLE: ["\r", *(c for c in CONTROLS if c != "\t"), *SURROGATES, "\u200e", "\u202e", "\u2028", "\u2066"],
 }
 
 
@@ -206,7 +209,7 @@ def test_injected_characters_are_refused(target: Target, data: st.DataObject) ->
     valid = data.draw(_valid(target.pattern), label="valid")
     assert target.accepts(valid), (target.name, valid)
     bad = data.draw(st.sampled_from(REFUSED[kind]), label="bad")
-    if kind is not Kind.ARG:
+    if kind not in (Kind.ARG, Kind.CONSOLE):
         assert not target.accepts(valid + "\n"), (target.name, valid)
     pos = data.draw(st.integers(0, len(valid)), label="pos")
     inserted = valid[:pos] + bad + valid[pos:]

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 #: Rank of each top-level part of ``nkudo``: a module imports only lower ranks or its own part.
 RANKS: dict[str, int] = {
-    "nkudo": 0, "errors": 0, "log": 0, "_native": 0,   # foundation
+    "nkudo": 0, "errors": 0, "log": 0, "_native": 0, "extras": 0,  # foundation
     "vmstate": 1, "wire": 2,                           # the shared vocabulary and wire models
     "chapi": 3, "qmp": 3, "net": 3, "proc": 3, "chsim": 3,  # protocols and kernel drivers
     "host": 4,                                         # host probes (use net)

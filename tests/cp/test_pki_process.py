@@ -15,6 +15,7 @@ from cryptography import x509
 from nkudo.cp.pki import CertificateAuthority
 
 from .helpers import Agent, new_tenant, start_server
+from .test_migrations import HEAD
 
 
 def test_ca_persists_and_agents_survive_restart(tmp_path: Path) -> None:
@@ -53,7 +54,7 @@ def test_generated_admin_key_file(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NKUDO_CP_ADMIN_KEY"}
     r = subprocess.run([sys.executable, "-m", "nkudo.cp.cli", "migrate", "--data-dir", str(tmp_path)], env=env,
                        capture_output=True, text=True, check=False)
-    assert r.returncode == 0 and "schema at revision 0001" in r.stdout
+    assert r.returncode == 0 and f"schema at revision {HEAD}" in r.stdout
     from nkudo.cp.config import Settings, resolve_admin_key
 
     key = resolve_admin_key(Settings(data_dir=tmp_path))

@@ -17,6 +17,7 @@ def test_every_action_type_parses_minimal_params() -> None:
         "MicroVMStart": {"vm_id": "v1"}, "MicroVMStop": {"vm_id": "v1", "force": True},
         "MicroVMDelete": {"vm_id": "v1"}, "MicroVMPause": {"vm_id": "v1"}, "MicroVMResume": {"vm_id": "v1"},
         "MicroVMSnapshot": {"vm_id": "v1", "snapshot_name": "s-1"},
+        "MicroVMRestore": {"vm_id": "v1", "snapshot_name": "s-1"},
         "CommandExecute": {"command": "/usr/bin/uptime"},
     }
     assert set(minimal) == set(wa.ACTION_TYPES)

@@ -8,6 +8,7 @@ files so they stay out of process listings and shell history.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +41,30 @@ def _db_options(f: F) -> F:
                      help="postgresql://... (default: SQLite file in --data-dir)")(f)
     f = click.option("--data-dir", envvar=_env("DATA_DIR"), show_envvar=True, default="/var/lib/nkudo-cp",
                      type=click.Path(file_okay=False, path_type=Path), show_default=True)(f)
+    return f
+
+
+def _rate_limit_options(f: F) -> F:
+    """Rate limits per route class, trusted proxies and lock-out (issue 12); see README "Rate limits"."""
+    from nkudo.cp.ratelimit import DEFAULT_LIMITS, RouteClass
+
+    for cls in reversed(RouteClass):
+        f = click.option(f"--rate-limit-{cls.value}", envvar=_env(f"RATE_LIMIT_{cls.value.upper()}"),
+                         show_envvar=True, default=DEFAULT_LIMITS[cls].spec(), show_default=True,
+                         help=f"{cls.value} route class: N[/s|/min|/h][:BURST] per client, 0 disables")(f)
+    f = click.option("--lockout-max", type=float, default=86400.0, envvar=_env("LOCKOUT_MAX"), show_envvar=True,
+                     show_default=True, help="seconds: the longest lock-out")(f)
+    f = click.option("--lockout-base", type=float, default=900.0, envvar=_env("LOCKOUT_BASE"), show_envvar=True,
+                     show_default=True, help="seconds: the first lock-out (doubling with each further one)")(f)
+    f = click.option("--lockout-window", type=float, default=900.0, envvar=_env("LOCKOUT_WINDOW"),
+                     show_envvar=True, show_default=True, help="seconds in which the failures are counted")(f)
+    f = click.option("--lockout-threshold", type=int, default=5, envvar=_env("LOCKOUT_THRESHOLD"),
+                     show_envvar=True, show_default=True,
+                     help="failed authentications (admin key, API key, enrollment token) from one source that "
+                          "lock it out of that credential type; 0 disables")(f)
+    f = click.option("--trusted-proxy", "trusted_proxy", multiple=True, envvar=_env("TRUSTED_PROXY"),
+                     show_envvar=True, help="CIDR of a proxy whose X-Forwarded-For / X-Real-IP is believed "
+                                            "(repeatable; otherwise those headers are ignored)")(f)
     return f
 
 
@@ -82,17 +107,30 @@ def _db_options(f: F) -> F:
               help="bearer token for GET /metrics (the admin key is always accepted too)")
 @click.option("--health-listen", envvar=_env("HEALTH_LISTEN"), show_envvar=True, default=None,
               help="HOST:PORT of an optional plain-HTTP listener serving only /healthz and /readyz (probes)")
+@click.option("--crl-url", envvar=_env("CRL_URL"), show_envvar=True, default=None,
+              help="CRL distribution point written into agent certificates (default: "
+                   "https://<first --server-name>:<port>/v1/crl)")
+@click.option("--audit-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              envvar=_env("AUDIT_KEY_FILE"), show_envvar=True,
+              help="PEM private key (ECDSA, RSA, Ed25519) that signs audit checkpoints (default: the CA key)")
+@click.option("--audit-checkpoint-interval", type=float, default=60.0, envvar=_env("AUDIT_CHECKPOINT_INTERVAL"),
+              show_envvar=True, show_default=True, help="seconds between signed audit checkpoints (0 disables)")
+@click.option("--audit-verify-interval", type=float, default=3600.0, envvar=_env("AUDIT_VERIFY_INTERVAL"),
+              show_envvar=True, show_default=True,
+              help="seconds between background verifications of every audit chain (0 disables)")
+@_rate_limit_options
 def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str | None,
           server_names: Sequence[str], ca_cert_file: Path | None, ca_key_file: Path | None,
           require_persistent_pki: bool, agent_cert_ttl: float, enrollment_token_ttl: float, lease_ttl: float,
           heartbeat_interval: int, offline_after: float, sweep_interval: float, max_plans_per_lease: int,
           renew_grace: float, max_body_bytes: int, db_pool_size: int, crl_validity: float, metrics_token: str | None,
-          health_listen: str | None) -> None:
+          health_listen: str | None, crl_url: str | None, audit_key_file: Path | None,
+          audit_checkpoint_interval: float, audit_verify_interval: float, **limits: Any) -> None:
     """Run the HTTPS API server (TLS >= 1.2, agent routes need a client certificate from our CA)."""
     import asyncio
     import os
 
-    from nkudo.cp.config import Settings, parse_listen
+    from nkudo.cp.config import Settings, parse_listen, rate_limit_settings
     from nkudo.cp.server import serve as run
 
     if admin_key is None and _env("ADMIN_KEY") in os.environ:
@@ -110,6 +148,9 @@ def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str 
         renew_grace=renew_grace, max_body_bytes=max_body_bytes, db_pool_size=db_pool_size,
         crl_validity=crl_validity, metrics_token=metrics_token.strip() if metrics_token else None,
         health_listen=parse_listen(health_listen, "health_listen") if health_listen else None,
+        crl_url=crl_url or None, audit_key_file=audit_key_file,
+        audit_checkpoint_interval=audit_checkpoint_interval, audit_verify_interval=audit_verify_interval,
+        **rate_limit_settings(limits),
     )
     try:  # uvloop makes the TLS event loop noticeably cheaper per request; plain asyncio works too
         import uvloop
@@ -206,6 +247,41 @@ def tenant_create(slug: str, name: str, as_json: bool, **kw: Any) -> None:
 @_client_options
 def tenant_list(as_json: bool, **kw: Any) -> None:
     _print(_client(kw).call("GET", "/tenants"), as_json, "tenants", ("id", "slug", "name", "created_at"))
+
+
+def _quota_value(flag: str, raw: str | None) -> int | None:
+    """A ``set-quota`` value: a whole number >= 0, or ``default`` (the server's default again)."""
+    if raw is None or raw == "default":
+        return None
+    if not raw.isdigit():
+        raise click.BadParameter(f"{raw!r} is neither a whole number >= 0 nor 'default'", param_hint=flag)
+    return int(raw)
+
+
+@tenant.command("set-quota")
+@click.option("--tenant", "tenant_id", required=True)
+@click.option("--max-sites", default=None, metavar="N|default")
+@click.option("--max-agents-per-site", default=None, metavar="N|default")
+@click.option("--max-vms-per-agent", default=None, metavar="N|default")
+@click.option("--max-concurrent-plans", default=None, metavar="N|default")
+@click.option("--max-api-keys", default=None, metavar="N|default")
+@_client_options
+def tenant_set_quota(tenant_id: str, as_json: bool, **kw: Any) -> None:
+    """Override a tenant's limits (admin key); limits not named keep their value, 'default' restores one."""
+    from nkudo.cp.domain import QuotaLimit
+
+    body = {lim.value: _quota_value("--" + lim.value.replace("_", "-"), kw.pop(lim.value)) for lim in QuotaLimit
+            if kw.get(lim.value) is not None}
+    if not body:
+        raise click.UsageError("name at least one limit (--max-sites, --max-agents-per-site, --max-vms-per-agent, "
+                               "--max-concurrent-plans, --max-api-keys)")
+    for lim in QuotaLimit:
+        kw.pop(lim.value, None)
+    out = _client(kw).call("PATCH", f"/tenants/{tenant_id}/quota", body)
+    if as_json:
+        _print(out, True)
+        return
+    _print({**out["limits"], "overridden": ",".join(out["overridden"]) or "-"}, False)
 
 
 @cli.group("api-key")
@@ -359,7 +435,101 @@ def agent_list(site_id: str, as_json: bool, **kw: Any) -> None:
     _print(out, as_json, "agents", ("id", "hostname", "state", "agent_version", "last_heartbeat_at"))
 
 
+@cli.group()
+def audit() -> None:
+    """The tamper-evident audit log (reads the database itself, so it works on a copy too)."""
+
+
+def _audit_db(data_dir: Path, database_url: str | None) -> Any:
+    from nkudo.cp.db import Database, sqlite_url
+
+    if database_url is None and not (data_dir / "nkudo.db").is_file():
+        raise NkudoError(f"no database in {data_dir} (nkudo.db); pass --data-dir or --database-url",
+                         code="INVALID_ARGUMENT")
+    return Database(database_url or sqlite_url(data_dir), pool_size=1)
+
+
+@audit.command("verify")
+@_db_options
+@click.option("--tenant", "chain", default=None, help="verify only this tenant's chain (a tenant id, or 'global')")
+@click.option("--audit-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              envvar=_env("AUDIT_KEY_FILE"), show_envvar=True,
+              help="PEM certificate, public or private key checkpoints are signed with (default: DATA_DIR/ca.crt)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+def audit_verify(data_dir: Path, database_url: str | None, chain: str | None, audit_key_file: Path | None,
+                 as_json: bool) -> None:
+    """Verify the audit chains: every event's hash and link, and every checkpoint's signature.
+
+    Exits 1 when a chain is broken, naming its first broken event and why (changed, deleted, inserted,
+    reordered, checkpoint_signature_invalid).
+    """
+    import asyncio
+
+    import msgspec
+
+    from nkudo.cp.auditchain import GLOBAL_CHAIN, Verifier
+    from nkudo.cp.usecases.audit import AuditLog
+    from nkudo.wire.messages import UUID_PATTERN
+
+    if chain is not None and chain != GLOBAL_CHAIN and not re.match(UUID_PATTERN, chain):
+        raise click.BadParameter("a tenant id (UUID) or 'global'", param_hint="--tenant")
+    key = audit_key_file or data_dir / "ca.crt"
+    try:
+        verifier = Verifier.from_pem(key.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise NkudoError(f"cannot load the audit key {key}: {exc}", code="INVALID_ARGUMENT") from None
+    db = _audit_db(data_dir, database_url)
+    try:
+        report = asyncio.run(AuditLog(db, verifier=verifier).verify_chains(chain))
+    finally:
+        db.close()
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(report), indent=2, sort_keys=True))
+    else:
+        for c in report.chains:
+            state = "ok" if c.broken is None else f"BROKEN at seq {c.broken.seq} ({c.broken.reason}): {c.broken.detail}"
+            click.echo(f"chain {c.chain}: {c.events} events, head {c.head_seq}, signed to {c.signed_seq} "
+                       f"({c.unsigned_events} unsigned), {state}")
+        b = report.first_broken
+        click.echo(f"total {report.total} events in {len(report.chains)} chains: " + (
+            "VALID" if b is None else f"BROKEN: first broken event chain {b.chain} seq {b.seq} "
+            f"id {b.event_id if b.event_id is not None else '-'}: {b.reason} ({b.detail})"))
+    if not report.valid:
+        raise NkudoError("the audit log has been tampered with", code="AUDIT_CHAIN_BROKEN")
+
+
+@audit.command("checkpoint")
+@_db_options
+@click.option("--audit-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              envvar=_env("AUDIT_KEY_FILE"), show_envvar=True,
+              help="PEM private key that signs checkpoints (default: DATA_DIR/ca.key)")
+def audit_checkpoint(data_dir: Path, database_url: str | None, audit_key_file: Path | None) -> None:
+    """Sign the head of every chain that grew since its last checkpoint (what the server does periodically)."""
+    import asyncio
+
+    from nkudo.cp.auditchain import Signer
+    from nkudo.cp.usecases.audit import AuditLog
+
+    key = audit_key_file or data_dir / "ca.key"
+    try:
+        signer = Signer.from_pem(key.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise NkudoError(f"cannot load the audit key {key}: {exc}", code="INVALID_ARGUMENT") from None
+    db = _audit_db(data_dir, database_url)
+    try:
+        out = asyncio.run(AuditLog(db, signer=signer).checkpoint())
+    finally:
+        db.close()
+    for cp in out.checkpoints:
+        click.echo(f"chain {cp.chain}: signed seq {cp.seq} {cp.entry_hash}")
+    click.echo(f"{len(out.checkpoints)} checkpoints signed")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from nkudo.extras import Extra, require
+
+    if (missing := require(Extra.CONTROL_PLANE, "nkudo-control-plane")) is not None:
+        return missing  # an agent-only install: one sentence naming the extra, not an ImportError (issue 14)
     try:
         cli.main(args=argv, prog_name="nkudo-control-plane", standalone_mode=False)
     except click.exceptions.Abort:

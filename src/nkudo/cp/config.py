@@ -8,7 +8,17 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from nkudo.cp.ratelimit import (
+    DEFAULT_LIMITS,
+    IPNetwork,
+    Limit,
+    LockoutPolicy,
+    RouteClass,
+    parse_limit,
+    parse_networks,
+)
 from nkudo.errors import ValidationError
 from nkudo.log import get_logger
 
@@ -48,6 +58,19 @@ class Settings:
     #: Optional plain-HTTP listener for load-balancer / kubelet probes that cannot speak TLS; serves only
     #: ``/healthz`` and the detail-free ``/readyz``.
     health_listen: tuple[str, int] | None = None
+    #: CRL distribution point written into issued agent certificates (issue 12); ``None``: this server's
+    #: own ``/v1/crl`` (see ``crl_distribution_url``).
+    crl_url: str | None = None
+    # issue 12 part 1: rate limits per route class (a disabled Limit turns a class off), the proxies whose
+    # X-Forwarded-For / X-Real-IP are believed, and the lock-out policy for failed authentication.
+    rate_limits: dict[RouteClass, Limit] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
+    # issue 12 part 2: the audit chain. The key that signs checkpoints (PEM private key; default: the CA key),
+    # how often heads are signed and how often every chain is verified (0 disables either task).
+    audit_key_file: Path | None = None
+    audit_checkpoint_interval: float = 60.0
+    audit_verify_interval: float = 3600.0
 
     def check(self) -> None:
         """Refuse nonsensical combinations before anything starts."""
@@ -76,6 +99,40 @@ class Settings:
             raise ValidationError("metrics token must be at least 16 printable characters", field="metrics_token")
         if not self.server_names:
             raise ValidationError("at least one server name is required", field="server_name")
+        if self.crl_url is not None and not _CRL_URL.match(self.crl_url):
+            raise ValidationError("--crl-url must be an http:// or https:// URL of at most 2048 printable "
+                                  "characters", field="crl_url")
+        self.lockout.check()
+        for name in ("audit_checkpoint_interval", "audit_verify_interval"):
+            if getattr(self, name) < 0:
+                raise ValidationError(f"{name} must not be negative (0 disables it)", field=name)
+
+
+def rate_limit_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The ``Settings`` fields of the rate-limit flags (``--rate-limit-CLASS``, ``--trusted-proxy``,
+    ``--lockout-*``), each validated here with an error naming the flag."""
+    limits = {cls: parse_limit(str(options[f"rate_limit_{cls.value}"]), f"rate_limit_{cls.value}")
+              for cls in RouteClass}
+    policy = LockoutPolicy(threshold=int(options["lockout_threshold"]), window=float(options["lockout_window"]),
+                           base=float(options["lockout_base"]), max_lock=float(options["lockout_max"]))
+    policy.check()
+    return {"rate_limits": limits, "trusted_proxies": parse_networks(tuple(options["trusted_proxy"])),
+            "lockout": policy}
+
+
+#: A CRL distribution point: http(s), printable ASCII without spaces (it is written into every agent certificate).
+_CRL_URL = re.compile(r"https?://[\x21-\x7e]{1,2040}\Z")
+
+
+def crl_distribution_url(settings: Settings) -> str:
+    """Where issued agent certificates say their CRL is: ``--crl-url``, else this server's own ``/v1/crl``
+    under its first server name (the name agents and operators reach it by)."""
+    if settings.crl_url:
+        return settings.crl_url
+    host = settings.server_names[0]
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return f"https://{host}:{settings.listen_port}/v1/crl"
 
 
 def parse_listen(value: str, flag: str = "listen") -> tuple[str, int]:

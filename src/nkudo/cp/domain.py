@@ -9,9 +9,11 @@ testable in microseconds and identical for SQLite and PostgreSQL.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
+from typing import Final
 
 from nkudo.vmstate import VmStatus
 from nkudo.wire.vocab import ActionType
@@ -133,8 +135,10 @@ def result_error(reported: ExecState, error_code: str | None, message: str | Non
 
 
 def create_starts_vm(action_type: str, params: dict[str, object]) -> bool:
-    """Whether a successful action leaves its VM running: only ``MicroVMCreate`` with ``start: false`` does not."""
-    return bool(params.get("start", True)) if action_type == ActionType.MICROVM_CREATE else True
+    """Whether a successful action leaves its VM running: ``MicroVMCreate``/``MicroVMRestore`` with ``start: false`` do not."""
+    if action_type in (ActionType.MICROVM_CREATE, ActionType.MICROVM_RESTORE):
+        return bool(params.get("start", True))
+    return True
 
 
 _VM_ON_SUCCESS: dict[str, VmStatus] = {
@@ -154,6 +158,8 @@ def vm_state_after(action_type: str, status: ExecState, start: bool = True) -> V
         if status in (ExecState.FAILED, ExecState.TIMED_OUT):
             return VmStatus.ERROR
         return None
+    if action_type == ActionType.MICROVM_RESTORE and status == ExecState.SUCCEEDED:
+        return VmStatus.RUNNING if start else VmStatus.PAUSED  # a restored VM is left paused without start
     if status == ExecState.SUCCEEDED:
         return _VM_ON_SUCCESS.get(action_type)
     return None
@@ -213,9 +219,103 @@ def site_connectivity(any_agent_online: bool) -> Connectivity:
     return Connectivity.ONLINE if any_agent_online else Connectivity.OFFLINE
 
 
-def revocation_reason(unenroll_reason: str | None) -> str:
-    """The RFC 5280 reason recorded when an agent unenrolls (a compromised key says so)."""
-    return "keyCompromise" if unenroll_reason == "compromised" else "cessationOfOperation"
+class RevocationReason(enum.StrEnum):
+    """RFC 5280 CRL reason codes the control plane records (spelt as ``x509.ReasonFlags`` values)."""
+
+    KEY_COMPROMISE = "keyCompromise"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessationOfOperation"
+
+
+def revocation_reason(unenroll_reason: str | None) -> RevocationReason:
+    """The RFC 5280 reason recorded when an agent unenrolls.
+
+    A compromised key says so (relying parties may distrust what it signed before); anything else
+    (``retired``, ``decommissioned``...) is a normal end of service.
+    """
+    if unenroll_reason == "compromised":
+        return RevocationReason.KEY_COMPROMISE
+    return RevocationReason.CESSATION_OF_OPERATION
+
+
+# --- tenant quotas (issue 12) -------------------------------------------------------------------------
+
+
+class QuotaLimit(enum.StrEnum):
+    """The per-tenant limits; the value is the field name an API body, the CLI and the error name it by."""
+
+    SITES = "max_sites"
+    AGENTS_PER_SITE = "max_agents_per_site"
+    VMS_PER_AGENT = "max_vms_per_agent"
+    CONCURRENT_PLANS = "max_concurrent_plans"
+    API_KEYS = "max_api_keys"
+
+
+#: The limits of a tenant without an override. Generous on purpose: they stop a runaway script or a
+#: compromised key from exhausting a shared control plane, not normal use (the benchmarks run 100 agents on
+#: one site, 1,000 concurrent plans and 48 agents with 20 VMs each under them).
+DEFAULT_QUOTAS: Final[Mapping[QuotaLimit, int]] = MappingProxyType({
+    QuotaLimit.SITES: 1000,
+    QuotaLimit.AGENTS_PER_SITE: 1000,
+    QuotaLimit.VMS_PER_AGENT: 500,
+    QuotaLimit.CONCURRENT_PLANS: 10000,
+    QuotaLimit.API_KEYS: 100,
+})
+
+
+def effective_quotas(overrides: Mapping[QuotaLimit, int | None]) -> dict[QuotaLimit, int]:
+    """Each limit: the admin's override where there is one, else the default."""
+    out = dict(DEFAULT_QUOTAS)
+    for limit, value in overrides.items():
+        if value is not None:
+            out[limit] = value
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaBreach:
+    """A refused change: which limit, its value, and a sentence for the operator."""
+
+    limit: QuotaLimit
+    allowed: int
+    message: str
+
+
+def quota_breach(limit: QuotaLimit, allowed: int, used: int, adding: int = 1) -> QuotaBreach | None:
+    """``None`` when ``used + adding`` stays within ``allowed``, else what was exceeded.
+
+    Exactly at the limit is allowed (a limit of 3 admits the third site, refuses the fourth).
+    """
+    if used + adding <= allowed:
+        return None
+    return QuotaBreach(limit, allowed, f"tenant quota {limit.value} ({allowed}) would be exceeded: "
+                                       f"{used} in use, {adding} more requested")
+
+
+def projected_vms(existing: Set[str], pending_creates: Set[str], creates: Set[str], deletes: Set[str]) -> int:
+    """VMs a site would hold once a plan ran: those reported and those pending plans will create, less the
+    plan's deletes, plus the plan's creates (ids, so re-creating a known VM counts once)."""
+    return len(((existing | pending_creates) - deletes) | creates)
+
+
+def vm_quota_breach(per_agent: int, agents: int, existing: Set[str], pending_creates: Set[str],
+                    creates: Set[str], deletes: Set[str]) -> QuotaBreach | None:
+    """Whether a plan's VM creations exceed ``max_vms_per_agent``.
+
+    A plan is leased whole by one agent of its site, so the plan alone may not create more than one agent
+    may hold; and the site as a whole may hold ``per_agent`` VMs for each of its enrolled agents (at least
+    one: a plan can be queued before the site's first agent enrolls).
+    """
+    limit = QuotaLimit.VMS_PER_AGENT
+    if len(creates) > per_agent:
+        return QuotaBreach(limit, per_agent, f"tenant quota {limit.value} ({per_agent}) would be exceeded: "
+                                             f"the plan creates {len(creates)} VMs and runs on one agent")
+    allowed = per_agent * max(1, agents)
+    total = projected_vms(existing, pending_creates, creates, deletes)
+    if total <= allowed:
+        return None
+    return QuotaBreach(limit, per_agent, f"tenant quota {limit.value} ({per_agent}) would be exceeded: the site "
+                                         f"would hold {total} VMs for {max(1, agents)} agent(s) ({allowed} allowed)")
 
 
 def crl_is_current(cached_revoked: object, revoked: object, now: datetime, refresh_at: datetime) -> bool:

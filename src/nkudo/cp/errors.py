@@ -44,6 +44,19 @@ class PayloadTooLarge(ApiError):
     code = "PAYLOAD_TOO_LARGE"
 
 
+class TooManyRequests(ApiError):
+    """Refused for now: the answer carries ``Retry-After`` (seconds) computed from the bucket or the lock."""
+
+    status = 429
+    code = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None, field: str | None = None,
+                 route_class: str | None = None) -> None:
+        super().__init__(message, code=code or self.code, field=field)
+        self.retry_after = retry_after
+        self.route_class = route_class
+
+
 class Unavailable(ApiError):
     status = 503
     code = "UNAVAILABLE"

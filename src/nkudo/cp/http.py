@@ -22,14 +22,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nkudo.cp import models, views
 from nkudo.cp.domain import ExecState
-from nkudo.cp.errors import BadRequest, NotFound, PayloadTooLarge, Unauthenticated, status_of
-from nkudo.cp.pki import parse_csr, serial_hex
-from nkudo.cp.records import AgentIdentity, Principal, RequestInfo, stamp
+from nkudo.cp.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unauthenticated, status_of
+from nkudo.cp.http_limits import LIMITER_KEY, agent_identity, client_address_of, rate_limit_middleware
+from nkudo.cp.pki import parse_csr
+from nkudo.cp.ratelimit import retry_after_header
+from nkudo.cp.ratestore import RateLimiter
+from nkudo.cp.records import Principal, RequestInfo, stamp
 from nkudo.cp.service import ControlPlane
+from nkudo.cp.usecases.audit import parse_filter
 from nkudo.errors import NkudoError
 from nkudo.log import get_logger
 from nkudo.wire import codec
 from nkudo.wire import messages as wm
+from nkudo.wire.actions import IDENT_PATTERN
 
 log = get_logger("cp.http")
 T = TypeVar("T")
@@ -39,6 +44,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CP_KEY = web.AppKey("cp", ControlPlane)
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,64}\Z")
 _UUID = re.compile(wm.UUID_PATTERN)  # the wire's \Z-anchored pattern: no trailing newline (issue 10 item 2)
+_IDENT = re.compile(IDENT_PATTERN)
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -46,10 +52,12 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+                   headers: dict[str, str] | None = None, route_class: str | None = None) -> web.Response:
     err: dict[str, str] = {"code": code, "message": message}
     if field:
         err["field"] = field
+    if route_class:
+        err["route_class"] = route_class
     return web.Response(body=codec.encode({"error": err}), status=status, content_type="application/json",
                         headers=headers)
 
@@ -72,6 +80,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = status_of(exc)
         if status >= 500:
             log.error("request failed", route=route, code=exc.code, error=exc.message)
+        if isinstance(exc, TooManyRequests):
+            return error_response(status, exc.code, exc.message, exc.field, route_class=exc.route_class,
+                                  headers={"Retry-After": retry_after_header(exc.retry_after)})
         return error_response(status, exc.code, exc.message, exc.field)
     except web.HTTPException as exc:
         status = exc.status
@@ -116,24 +127,8 @@ def request_info(request: web.Request) -> RequestInfo:
 
 async def principal(request: web.Request) -> Principal:
     cp = request.app[CP_KEY]
-    return await cp.access.authenticate(request.headers.get("X-Admin-Key"), request.headers.get("X-API-Key"))
-
-
-def agent_identity(request: web.Request) -> AgentIdentity:
-    """Identity from the TLS-verified client certificate (the only way an agent route is authorised)."""
-    cert = request.transport.get_extra_info("peercert") if request.transport else None
-    if not cert:
-        raise Unauthenticated("a client certificate issued by the control plane is required",
-                              code="CLIENT_CERT_REQUIRED")
-    cn = ""
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                cn = value
-    serial = cert.get("serialNumber")
-    if not cn or not serial:
-        raise Unauthenticated("client certificate lacks a subject CN or serial", code="INVALID_CLIENT_CERT")
-    return AgentIdentity(cn=cn, serial=serial_hex(int(serial, 16)))
+    return await cp.access.authenticate(request.headers.get("X-Admin-Key"), request.headers.get("X-API-Key"),
+                                        client_address_of(request), request_info(request))
 
 
 def path_id(request: web.Request, name: str) -> str:
@@ -155,6 +150,22 @@ def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -
     if not lo <= v <= hi:
         raise BadRequest(f"{name} must be between {lo} and {hi}", field=name)
     return v
+
+
+def vm_path_id(request: web.Request) -> str:
+    """A VM id in the path: the wire's identifier pattern, or it cannot exist (404 like an unknown VM)."""
+    value = request.match_info["vm_id"]
+    if not _IDENT.match(value):
+        raise NotFound("VM not found", code="VM_NOT_FOUND")
+    return value
+
+
+def query_uuid(request: web.Request, name: str) -> str | None:
+    """An optional id in the query string (a 400 naming it when it is not a UUID)."""
+    raw = request.query.get(name)
+    if raw is not None and not _UUID.match(raw):
+        raise BadRequest(f"{name} must be a UUID", field=name)
+    return raw
 
 
 def query_enum(request: web.Request, name: str, type_: type[E]) -> E | None:
@@ -183,7 +194,7 @@ async def readyz(request: web.Request) -> web.Response:
     """
     cp = request.app[CP_KEY]
     key = request.headers.get("X-Admin-Key")
-    if key is not None and not cp.access.is_admin_key(key):
+    if key is not None and not await cp.access.admin_key_ok(key, client_address_of(request), request_info(request)):
         raise Unauthenticated("invalid admin key", code="INVALID_ADMIN_KEY")
     return await _readiness(cp, detailed=key is not None)
 
@@ -202,8 +213,11 @@ async def _readiness(cp: ControlPlane, *, detailed: bool) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
+    key = request.headers.get("X-Admin-Key")
+    if key is not None and not await cp.access.admin_key_ok(key, client_address_of(request), request_info(request)):
+        key = None  # a wrong admin key is counted towards the lock-out (issue 12); a bearer token may still do
     try:
-        cp.access.authorize_metrics(request.headers.get("X-Admin-Key"), request.headers.get("Authorization"))
+        cp.access.authorize_metrics(key, request.headers.get("Authorization"))
     except Unauthenticated as exc:
         return error_response(401, exc.code, exc.message, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
     await cp.connectivity.refresh_gauges()
@@ -214,6 +228,24 @@ async def crl(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     return web.Response(body=await cp.crl.pem(), content_type="application/x-pem-file",
                         headers={"Cache-Control": "max-age=60"})
+
+
+async def crl_der(request: web.Request) -> web.Response:
+    """The CRL in DER, the form RFC 5280 distribution points serve (issue 12): the agent certificates' CDP."""
+    return web.Response(body=await request.app[CP_KEY].crl.der(), content_type="application/pkix-crl",
+                        headers={"Cache-Control": "max-age=60"})
+
+
+async def get_quota(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].quotas.get_quota(p, path_id(request, "tenant_id")))
+
+
+async def set_quota(request: web.Request) -> web.Response:
+    p = await principal(request)
+    tid = path_id(request, "tenant_id")
+    body = await read_body(request, models.QuotaUpdate)
+    return json_response(await request.app[CP_KEY].quotas.set_quota(p, tid, body, request_info(request)))
 
 
 # --- tenant / admin ---------------------------------------------------------
@@ -274,9 +306,22 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 async def list_audit(request: web.Request) -> web.Response:
+    p, f = await principal(request), parse_filter(request.query, admin=False)
+    return json_response(await request.app[CP_KEY].audit.list_audit(p, path_id(request, "tenant_id"), f.limit, f))
+
+
+async def admin_audit_events(request: web.Request) -> web.Response:
+    p, f = await principal(request), parse_filter(request.query, admin=True)
+    return json_response(await request.app[CP_KEY].audit.list_events(p, f))
+
+
+async def admin_audit_verify(request: web.Request) -> web.Response:
     p = await principal(request)
-    limit = query_int(request, "limit", 100, 1, 1000)
-    return json_response(await request.app[CP_KEY].audit.list_audit(p, path_id(request, "tenant_id"), limit))
+    return json_response(await request.app[CP_KEY].audit.verify(p, query_uuid(request, "tenant_id")))
+
+
+async def admin_audit_checkpoint(request: web.Request) -> web.Response:
+    return json_response(await request.app[CP_KEY].audit.checkpoint_now(await principal(request)))
 
 
 async def create_plan(request: web.Request) -> web.Response:
@@ -306,6 +351,13 @@ async def list_hosts(request: web.Request) -> web.Response:
 async def list_vms(request: web.Request) -> web.Response:
     p = await principal(request)
     return json_response(await request.app[CP_KEY].inventory.list_vms(p, path_id(request, "site_id")))
+
+
+async def vm_console(request: web.Request) -> web.Response:
+    p = await principal(request)
+    vm_id, site_id = vm_path_id(request), query_uuid(request, "site_id")
+    lines = query_int(request, "lines", 100, 1, wm.MAX_CONSOLE_LINES)
+    return json_response(await request.app[CP_KEY].consoles.get(p, vm_id, site_id, lines))
 
 
 async def list_agents(request: web.Request) -> web.Response:
@@ -347,9 +399,11 @@ async def enroll(request: web.Request) -> web.Response:
     try:
         req = await read_body(request, wm.EnrollRequest)
         csr = parse_csr(req.csr_pem)  # before the token is looked at: a bad CSR never burns a token
-        return json_response(await request.app[CP_KEY].enrollment.enroll(req, csr, info))
+        return json_response(await request.app[CP_KEY].enrollment.enroll(req, csr, info,
+                                                                         client_address_of(request)))
     except NkudoError as exc:
         log.warn("enrollment refused", source=info.source_ip, reason=exc.code)
+        await request.app[CP_KEY].audit.record_refused_enrollment(info, exc.code)
         raise
 
 
@@ -399,6 +453,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/readyz", readyz),
     ("GET", "/metrics", metrics),
     ("GET", "/v1/crl.pem", crl),
+    ("GET", "/v1/crl", crl_der),
     ("POST", "/tenants", create_tenant),
     ("GET", "/tenants", list_tenants),
     ("POST", "/tenants/{tenant_id}/api-keys", create_api_key),
@@ -409,10 +464,16 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/tenants/{tenant_id}/enrollment-tokens", issue_token),
     ("GET", "/tenants/{tenant_id}/enrollment-tokens", list_tokens),
     ("GET", "/tenants/{tenant_id}/audit-events", list_audit),
+    ("GET", "/tenants/{tenant_id}/quota", get_quota),
+    ("PATCH", "/tenants/{tenant_id}/quota", set_quota),
+    ("GET", "/admin/audit/events", admin_audit_events),
+    ("POST", "/admin/audit/verify", admin_audit_verify),
+    ("POST", "/admin/audit/checkpoint", admin_audit_checkpoint),
     ("POST", "/sites/{site_id}/plans", create_plan),
     ("GET", "/sites/{site_id}/hosts", list_hosts),
     ("GET", "/sites/{site_id}/vms", list_vms),
     ("GET", "/sites/{site_id}/agents", list_agents),
+    ("GET", "/vms/{vm_id}/console", vm_console),
     ("GET", "/sites/{site_id}/executions", list_executions),
     ("GET", "/plans/{plan_id}", get_plan),
     ("POST", "/plans/{plan_id}/cancel", cancel_plan),
@@ -451,8 +512,12 @@ def build_health_app(cp: ControlPlane) -> web.Application:
 
 
 def build_app(cp: ControlPlane) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=cp.s.max_body_bytes)
+    limiter = RateLimiter(cp.s.rate_limits, cp.metrics, cp.db.url if cp.db.is_pg else None,
+                          proxies=cp.s.trusted_proxies)
+    app = web.Application(middlewares=[error_middleware, rate_limit_middleware], client_max_size=cp.s.max_body_bytes)
     app[CP_KEY] = cp
+    app[LIMITER_KEY] = limiter
+    app.cleanup_ctx.append(limiter.lifecycle)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

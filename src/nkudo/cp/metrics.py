@@ -29,7 +29,44 @@ class Metrics:
         self.executions = Gauge("nkudo_cp_executions", "Executions by state", ["state"], registry=r)
         self.swept = Counter("nkudo_cp_agents_marked_offline_total", "Agents marked offline by the sweeper",
                              registry=r)
+        # issue 12 part 2: the audit chain's verification (background verifier, POST /admin/audit/verify)
+        self.audit_valid = Gauge("nkudo_cp_audit_chain_valid",
+                                 "1 if the last full audit verification found every chain intact, else 0", registry=r)
+        self.audit_verifications = Counter("nkudo_cp_audit_verifications_total",
+                                           "Full audit-chain verifications by result (valid, broken)", ["result"],
+                                           registry=r)
+        self.audit_events_verified = Gauge("nkudo_cp_audit_events_verified",
+                                           "Events the last full audit verification checked", registry=r)
+        self.audit_unsigned_events = Gauge("nkudo_cp_audit_unsigned_events",
+                                           "Events not yet covered by a signed checkpoint at the last verification",
+                                           registry=r)
+        self.audit_last_verified = Gauge("nkudo_cp_audit_last_verification_timestamp_seconds",
+                                         "When the last full audit verification finished (Unix time)", registry=r)
+        self.audit_checkpoints = Counter("nkudo_cp_audit_checkpoints_total", "Audit checkpoints by outcome",
+                                         ["outcome"], registry=r)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        # issue 12 part 1: rate limiting and lock-out
+        self.rate_limit = Counter("nkudo_cp_rate_limit_requests_total",
+                                  "Requests seen by the rate limiter, by route class and outcome (allowed, rejected)",
+                                  ["route_class", "outcome"], registry=r)
+        self.auth_failures = Counter("nkudo_cp_auth_failures_total",
+                                     "Failed authentications counted towards lock-out, by credential type",
+                                     ["credential"], registry=r)
+        self.lockouts = Counter("nkudo_cp_lockouts_total", "Sources locked out, by credential type", ["credential"],
+                                registry=r)
+        self.lockout_refusals = Counter("nkudo_cp_lockout_refusals_total",
+                                        "Requests refused because their source is locked out, by credential type",
+                                        ["credential"], registry=r)
+        self._rate_children: dict[tuple[str, bool], Counter] = {}
+
+    def rate_limited(self, route_class: str, allowed: bool) -> None:
+        """Count one rate-limiter decision (children cached: this runs on every request)."""
+        key = (route_class, allowed)
+        child = self._rate_children.get(key)
+        if child is None:
+            child = self.rate_limit.labels(route_class, "allowed" if allowed else "rejected")
+            self._rate_children[key] = child
+        child.inc()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one request and record its latency.

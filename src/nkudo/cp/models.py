@@ -6,6 +6,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from nkudo.cp.domain import QuotaLimit
 from nkudo.wire.actions import Ident
 from nkudo.wire.messages import Uuid
 
@@ -59,3 +60,33 @@ class PlanAction(_Strict):
 class PlanCreate(_Strict):
     idempotency_key: IdemKey
     actions: Annotated[list[PlanAction], msgspec.Meta(min_length=1, max_length=100)]
+
+
+# --- issue 12: tenant quotas ---------------------------------------------------------------------------------
+
+#: One limit's value: 0 admits nothing more; the ceiling only keeps the numbers sane.
+QuotaValue = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+_Limit = QuotaValue | None | msgspec.UnsetType
+
+
+class QuotaUpdate(_Strict):
+    """An admin's change to a tenant's quota.
+
+    A named limit is set, null restores its default, an absent one is left as it is (so that
+    ``set-quota --max-sites 5`` does not wipe the other overrides).
+    """
+
+    max_sites: _Limit = msgspec.UNSET
+    max_agents_per_site: _Limit = msgspec.UNSET
+    max_vms_per_agent: _Limit = msgspec.UNSET
+    max_concurrent_plans: _Limit = msgspec.UNSET
+    max_api_keys: _Limit = msgspec.UNSET
+
+    def changes(self) -> dict[QuotaLimit, int | None]:
+        """The limits this body names, with their new value (``None``: back to the default)."""
+        out: dict[QuotaLimit, int | None] = {}
+        for limit in QuotaLimit:
+            value = getattr(self, limit.value)
+            if value is not msgspec.UNSET:
+                out[limit] = value
+        return out

@@ -38,6 +38,7 @@ REF_TEMPLATE: Final = "#/components/schemas/{name}"
 REQUESTS: Final[tuple[type[msgspec.Struct], ...]] = (
     models.TenantCreate, models.ApiKeyCreate, models.SiteCreate, models.TokenCreate, models.PlanCreate,
     wm.EnrollRequest, wm.HeartbeatRequest, wm.ResultReport, wm.LogBatch, wm.UnenrollRequest, wm.RenewRequest,
+    models.QuotaUpdate,  # issue 12 part 3
 )
 #: Response bodies of the agent routes (the tenant/admin ones are ``views.VIEWS``).
 AGENT_RESPONSES: Final[tuple[type[msgspec.Struct], ...]] = (

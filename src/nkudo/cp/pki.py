@@ -16,7 +16,7 @@ import datetime as dt
 import fcntl
 import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,28 @@ class IssuedCert:
     pem: str
     serial: str
     not_after: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedEntry:
+    """One CRL entry: serial (canonical hex), revocation time, RFC 5280 reason (``x509.ReasonFlags`` value).
+
+    ``reason`` ``None`` writes no reason code, which RFC 5280 prefers to ``unspecified``.
+    """
+
+    serial: str
+    revoked_at: dt.datetime
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignedCrl:
+    """A signed CRL in both encodings (one signature: the PEM is the DER armoured)."""
+
+    der: bytes
+    pem: bytes
+    this_update: dt.datetime
+    next_update: dt.datetime
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -234,16 +256,19 @@ class CertificateAuthority:
 
     def sign_agent(
         self, csr: x509.CertificateSigningRequest, *, agent_id: str, tenant_id: str, site_id: str,
-        ttl: dt.timedelta,
+        ttl: dt.timedelta, crl_url: str | None = None,
     ) -> IssuedCert:
         """Issue an agent client certificate: CN = agent id, SPIFFE URI SAN, clientAuth only.
 
         The CSR's subject and extensions are ignored on purpose: identity comes
         from the control plane, only the public key comes from the agent.
+        ``crl_url`` becomes the certificate's CRL distribution point, so a relying
+        party other than the control plane (a proxy, an auditor with openssl) can
+        find where revocations of it are published.
         """
         pub = csr.public_key()
         not_after = _now() + ttl
-        cert = (
+        builder = (
             self._base(
                 x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, agent_id),
                            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nkudo-agent")]),
@@ -255,22 +280,28 @@ class CertificateAuthority:
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(_key_usage(pub), critical=True)
-            .sign(self.key, hashes.SHA256())
         )
+        if crl_url:
+            builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None,
+                crl_issuer=None)]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
         return IssuedCert(
             pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
             serial=serial_hex(cert.serial_number),
             not_after=cert.not_valid_after_utc,
         )
 
-    def crl_pem(self, revoked: list[tuple[str, dt.datetime]], *, number: int,
-                validity: dt.timedelta = CRL_VALIDITY) -> tuple[bytes, dt.datetime, dt.datetime]:
-        """A CRL of the revoked serials (hex) signed by the CA: (PEM, thisUpdate, nextUpdate).
+    def sign_crl(self, revoked: Sequence[RevokedEntry], *, number: int,
+                 validity: dt.timedelta = CRL_VALIDITY) -> SignedCrl:
+        """A CRL of the revoked certificates signed by the CA, in DER and PEM.
 
         Always a complete, signed CRL, even with zero entries: relying parties
         that fetch it before the first revocation must get something they can
         verify (the original served an empty body). CRL number and AKI are
-        included because RFC 5280 requires them of conforming issuers.
+        included because RFC 5280 requires them of conforming issuers; each
+        entry carries its reason code so a relying party can tell a compromised
+        key from a retired or superseded certificate.
         """
         now = _now().replace(microsecond=0)  # X.509 times have second precision; keep the returned value exact
         nxt = now + validity
@@ -282,11 +313,29 @@ class CertificateAuthority:
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ski), critical=False)
         )
-        for serial, when in revoked:
-            b = b.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(when).build()
-            )
-        return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), now, nxt
+        for entry in revoked:
+            rb = x509.RevokedCertificateBuilder().serial_number(int(entry.serial, 16)).revocation_date(
+                entry.revoked_at)
+            flag = _reason_flag(entry.reason)
+            if flag is not None:
+                rb = rb.add_extension(x509.CRLReason(flag), critical=False)
+            b = b.add_revoked_certificate(rb.build())
+        crl = b.sign(self.key, hashes.SHA256())
+        return SignedCrl(der=crl.public_bytes(serialization.Encoding.DER),
+                         pem=crl.public_bytes(serialization.Encoding.PEM), this_update=now, next_update=nxt)
+
+
+def _reason_flag(reason: str | None) -> x509.ReasonFlags | None:
+    """The reason code of a stored reason; none for ``unspecified`` or a value this version does not know
+    (one odd row must not stop the whole CRL from being signed)."""
+    if reason is None:
+        return None
+    try:
+        flag = x509.ReasonFlags(reason)
+    except ValueError:
+        log.warn("unknown revocation reason left out of the CRL entry", reason=reason[:40])
+        return None
+    return None if flag == x509.ReasonFlags.unspecified else flag
 
 
 def _key_usage(pub: object) -> x509.KeyUsage:

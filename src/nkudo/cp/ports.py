@@ -10,7 +10,7 @@ HTTP layer, and a test can hand it a fixed clock. Metrics are the concrete ``nku
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
@@ -18,11 +18,11 @@ from cryptography import x509
 from sqlalchemy.engine import Row
 
 from nkudo.cp.metrics import Metrics
-from nkudo.cp.pki import IssuedCert
+from nkudo.cp.pki import IssuedCert, RevokedEntry, SignedCrl
 
 T = TypeVar("T")
 
-__all__ = ["Authority", "Clock", "Metrics", "SystemClock", "Transactions"]
+__all__ = ["Authority", "Clock", "Metrics", "RevokedEntry", "SystemClock", "Transactions"]
 
 
 class Clock(Protocol):
@@ -62,7 +62,6 @@ class Authority(Protocol):
     def cert(self) -> x509.Certificate: ...
 
     def sign_agent(self, csr: x509.CertificateSigningRequest, *, agent_id: str, tenant_id: str, site_id: str,
-                   ttl: dt.timedelta) -> IssuedCert: ...
+                   ttl: dt.timedelta, crl_url: str | None = ...) -> IssuedCert: ...
 
-    def crl_pem(self, revoked: list[tuple[str, dt.datetime]], *, number: int,
-                validity: dt.timedelta = ...) -> tuple[bytes, dt.datetime, dt.datetime]: ...
+    def sign_crl(self, revoked: Sequence[RevokedEntry], *, number: int, validity: dt.timedelta = ...) -> SignedCrl: ...

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.engine import Row
 
 from nkudo.cp.domain import ActorType, AgentState, ExecState, PrincipalKind
+from nkudo.cp.pki import RevokedEntry
 
 
 def iso(v: dt.datetime | None) -> str | None:
@@ -143,7 +144,8 @@ class ExecutionRecord:
 class CrlState:
     """The current signed CRL and the revoked set it was signed for."""
 
-    revoked: list[tuple[str, dt.datetime]]
+    revoked: list[RevokedEntry]
+    der: bytes
     pem: bytes
     number: int
     this_update: dt.datetime

@@ -244,3 +244,102 @@ audit_events = sa.Table(
     sa.Column("details", JSONType, nullable=False),
     _ts("occurred_at"),
 )
+
+# --- issue 12 part 1: rate limiting and lock-out (migration 0002) -------------------------------------------
+# Times here are epoch seconds (double precision): they are compared and advanced arithmetically in one
+# UPSERT (see nkudo.cp.ratestore), and nothing else reads them. On PostgreSQL rate_limit_buckets is UNLOGGED
+# (no WAL per request; a crash only refills the buckets).
+
+rate_limit_buckets = sa.Table(
+    "rate_limit_buckets", metadata,
+    sa.Column("bucket", sa.String(160), primary_key=True),
+    sa.Column("tat", sa.Float(53), nullable=False),
+    sa.Column("allowed", sa.Boolean(), nullable=False),
+    sa.Column("spent", sa.Float(53), nullable=False),
+)
+
+auth_lockouts = sa.Table(
+    "auth_lockouts", metadata,
+    sa.Column("source", sa.String(64), primary_key=True),
+    sa.Column("credential", sa.String(32), primary_key=True),
+    sa.Column("failures", sa.Integer(), nullable=False),
+    sa.Column("window_start", sa.Float(53), nullable=True),
+    sa.Column("level", sa.Integer(), nullable=False),
+    sa.Column("locked_until", sa.Float(53), nullable=True),
+    sa.Column("last_failure", sa.Float(53), nullable=True),
+)
+
+# --- issue 12 part 2: the tamper-evident audit chain (migration 0003) -----------------------------------------
+# Each audit event belongs to one chain (its tenant's id, or "global" for events of no tenant) and carries its
+# place in it (seq, 1, 2, ...), its predecessor's hash and its own (nkudo.cp.auditchain). The head row of a
+# chain is what an append locks (SELECT ... FOR UPDATE), so concurrent writers on any number of replicas
+# serialise per chain; (chain, seq) is unique so that even a writer that skipped the lock could not fork it.
+# Checkpoints are signatures over a head by a key that is not in the database.
+
+audit_events.append_column(sa.Column("chain", sa.String(36), nullable=False))
+audit_events.append_column(sa.Column("seq", sa.BigInteger(), nullable=False))
+audit_events.append_column(sa.Column("prev_hash", sa.String(64), nullable=False))
+audit_events.append_column(sa.Column("entry_hash", sa.String(64), nullable=False))
+audit_events.append_constraint(sa.UniqueConstraint("chain", "seq"))
+
+audit_chain_heads = sa.Table(
+    "audit_chain_heads", metadata,
+    sa.Column("chain", sa.String(36), primary_key=True),
+    sa.Column("seq", sa.BigInteger(), nullable=False),
+    sa.Column("entry_hash", sa.String(64), nullable=False),
+    _ts("updated_at"),
+)
+
+audit_checkpoints = sa.Table(
+    "audit_checkpoints", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("chain", sa.String(36), nullable=False),
+    sa.Column("seq", sa.BigInteger(), nullable=False),
+    sa.Column("entry_hash", sa.String(64), nullable=False),
+    _ts("signed_at"),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("signature", sa.Text(), nullable=False),
+    sa.UniqueConstraint("chain", "seq"),
+)
+
+# --- issue 12 part 3: tenant quotas (migration 0004) ---------------------------------------------------------
+# One row per tenant with an admin override; a NULL limit (or no row) means the default of
+# nkudo.cp.domain.DEFAULT_QUOTAS, so changing a default reaches every tenant that did not override it.
+
+tenant_quotas = sa.Table(
+    "tenant_quotas", metadata,
+    sa.Column("tenant_id", Id, sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("max_sites", sa.Integer(), nullable=True),
+    sa.Column("max_agents_per_site", sa.Integer(), nullable=True),
+    sa.Column("max_vms_per_agent", sa.Integer(), nullable=True),
+    sa.Column("max_concurrent_plans", sa.Integer(), nullable=True),
+    sa.Column("max_api_keys", sa.Integer(), nullable=True),
+    _ts("updated_at"),
+)
+
+# --- issue 15 part 2: per-VM counters (migration 0005) --------------------------------------------------------
+# The latest kernel counters an agent reported for a VM ({"at": time, "v": [rx_bytes, rx_packets, rx_drops,
+# tx_bytes, tx_packets, tx_drops, cpu_ms, read_bytes, write_bytes, rss_bytes]}) and the report before it, so
+# the VM list can show rates without keeping a history. Written in the heartbeats' write-behind flush, never on
+# the heartbeat's own path (nkudo.cp.usecases.heartbeat).
+
+vms.append_column(sa.Column("counters", JSONType, nullable=True))
+vms.append_column(sa.Column("counters_prev", JSONType, nullable=True))
+
+# --- issue 15 part 3: console tails (migration 0006) ----------------------------------------------------------
+# One row per VM whose console was asked for through GET /vms/{vm_id}/console: PENDING until the VM's host
+# ships the tail in a heartbeat (nkudo.cp.usecases.console), then READY (text) or UNAVAILABLE. The heartbeat's
+# authorisation read asks "is anything PENDING for my host?", hence the (host_id, state) index.
+
+console_requests = sa.Table(
+    "console_requests", metadata,
+    sa.Column("site_id", Id, sa.ForeignKey("sites.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("vm_id", sa.String(64), primary_key=True),
+    sa.Column("host_id", Id, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("lines", sa.Integer(), nullable=False),
+    sa.Column("text", sa.Text(), nullable=False),
+    _ts("requested_at"),
+    _ts("captured_at", True),
+    sa.Index("ix_console_requests_host_id_state", "host_id", "state"),
+)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from nkudo.cp.auditchain import Signer
 from nkudo.cp.config import Settings, prepare_data_dir, resolve_admin_key
 from nkudo.cp.db import Database, redact_url, sqlite_url
 from nkudo.cp.http import build_app, build_health_app
 from nkudo.cp.pki import CA_CERT, CA_KEY, CertificateAuthority
 from nkudo.cp.service import ControlPlane
+from nkudo.errors import ValidationError
 from nkudo.log import adopt, flush_repeats, get_logger
 
 log = get_logger("cp.server")
@@ -49,7 +51,20 @@ def build(settings: Settings) -> ControlPlane:
     if settings.ca_cert_file is not None and not (settings.data_dir / CA_KEY).exists():
         # Publish the (public) CA certificate where clients and the admin CLI look for it.
         (settings.data_dir / CA_CERT).write_text(ca.cert_pem)
-    return ControlPlane(settings, db, ca, admin_key)
+    cp = ControlPlane(settings, db, ca, admin_key)
+    cp.audit.use_keys(audit_signer(settings, ca))
+    return cp
+
+
+def audit_signer(settings: Settings, ca: CertificateAuthority) -> Signer:
+    """The key that signs audit checkpoints: ``--audit-key-file``, else the CA key (neither is in the database)."""
+    if settings.audit_key_file is None:
+        return Signer(ca.key)
+    try:
+        return Signer.from_pem(settings.audit_key_file.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValidationError(f"cannot load the audit key {settings.audit_key_file}: {exc}",
+                              field="audit_key_file") from None
 
 
 async def _flusher(cp: ControlPlane) -> None:
@@ -69,6 +84,46 @@ async def _sweeper(cp: ControlPlane) -> None:
             await cp.sweep_offline()
         except Exception:
             log.exception("offline sweep failed")
+
+
+async def _audit_checkpointer(cp: ControlPlane) -> None:
+    """Sign every chain head that moved: at start (events from before, a migration's) and every interval."""
+    while True:
+        await _audit_checkpoint(cp)
+        await asyncio.sleep(cp.s.audit_checkpoint_interval)
+
+
+async def _audit_checkpoint(cp: ControlPlane) -> None:
+    try:
+        await cp.audit.checkpoint()
+    except Exception:
+        log.exception("audit checkpoint failed")
+
+
+async def _audit_verifier(cp: ControlPlane) -> None:
+    """Verify every chain at start and then every ``audit_verify_interval`` seconds; log and export the result."""
+    while True:
+        try:
+            r = await cp.audit.verify_chains()
+            if r.first_broken is None:
+                log.info("audit chains verified", events=r.total, chains=len(r.chains))
+            else:
+                b = r.first_broken
+                log.error("audit chain BROKEN", chain=b.chain, seq=b.seq, event_id=b.event_id, reason=b.reason.value,
+                          detail=b.detail)
+        except Exception:
+            log.exception("audit verification failed")
+        await asyncio.sleep(cp.s.audit_verify_interval)
+
+
+async def _lockout_pruner(cp: ControlPlane) -> None:
+    """Issue 12: drop lock-out rows whose failures, lock and level are all over (the table stays small)."""
+    while True:
+        await asyncio.sleep(300.0)
+        try:
+            await cp.lockouts.prune()
+        except Exception:
+            log.exception("lock-out prune failed")
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
@@ -92,6 +147,10 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop:
         log.info("plain-HTTP probe listener (healthz, readyz only)", listen=f"{hhost}:{hport}")
     sweeper = asyncio.create_task(_sweeper(cp)) if settings.sweep_interval > 0 else None
     flusher = asyncio.create_task(_flusher(cp))
+    pruner = asyncio.create_task(_lockout_pruner(cp))
+    audit_tasks = [asyncio.create_task(fn(cp)) for fn, every in (
+        (_audit_checkpointer, settings.audit_checkpoint_interval), (_audit_verifier, settings.audit_verify_interval))
+        if every > 0]
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,8 +167,13 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop:
         if sweeper is not None:
             sweeper.cancel()
         flusher.cancel()
+        pruner.cancel()
+        for task in audit_tasks:
+            task.cancel()
         if health_runner is not None:
             await health_runner.cleanup()
         await runner.cleanup()
         await cp.flush_seen()
+        if settings.audit_checkpoint_interval > 0:  # seal what this run appended: nothing is left unsigned
+            await _audit_checkpoint(cp)
         cp.db.close()

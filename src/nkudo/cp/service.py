@@ -23,12 +23,15 @@ from nkudo.cp.usecases.access import Access
 from nkudo.cp.usecases.agentauth import AgentCredentials
 from nkudo.cp.usecases.audit import AuditLog
 from nkudo.cp.usecases.connectivity import ConnectivitySweep
+from nkudo.cp.usecases.console import Consoles
 from nkudo.cp.usecases.crl import Crl
 from nkudo.cp.usecases.enrollment import Enrollment
 from nkudo.cp.usecases.executions import Executions
 from nkudo.cp.usecases.heartbeat import Heartbeats
 from nkudo.cp.usecases.inventory import Inventory
+from nkudo.cp.usecases.lockout import Lockouts
 from nkudo.cp.usecases.plans import Plans
+from nkudo.cp.usecases.quotas import Quotas
 from nkudo.cp.usecases.tenancy import Tenancy
 
 __all__ = ["AgentIdentity", "ControlPlane", "Principal", "RequestInfo", "iso", "now_utc"]
@@ -53,16 +56,19 @@ class ControlPlane:
         self.metrics = metrics or Metrics()
         self.clock: Clock = clock or SystemClock()
         c = self.clock
-        self.access = Access(db, c, admin_key, settings.metrics_token)
+        self.lockouts = Lockouts(settings.lockout, db, self.metrics, c)  # issue 12: failed-authentication lock-out
+        self.access = Access(db, c, admin_key, settings.metrics_token, self.lockouts)
         self.tenancy = Tenancy(db, c)
-        self.enrollment = Enrollment(settings, db, ca, self.metrics, c)
+        self.enrollment = Enrollment(settings, db, ca, self.metrics, c, self.lockouts)
         self.credentials = AgentCredentials(settings, db, ca, c)
-        self.heartbeats = Heartbeats(settings, db, self.metrics, c)
+        self.consoles = Consoles(settings, db, c)
+        self.heartbeats = Heartbeats(settings, db, self.metrics, c, self.consoles)
         self.plans = Plans(settings, db, c)
         self.executions = Executions(db, self.metrics, c)
         self.inventory = Inventory(db)
-        self.audit = AuditLog(db)
+        self.audit = AuditLog(db, c, self.metrics)
         self.crl = Crl(settings, db, ca, c)
+        self.quotas = Quotas(db, c)  # issue 12 part 3
         self.connectivity = ConnectivitySweep(settings, db, self.metrics, c)
 
     @property

@@ -19,9 +19,10 @@ from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 
+from nkudo.cp.auditchain import BreakReason
 from nkudo.cp.domain import ActorType, AgentState, Connectivity, PlanStatus
 from nkudo.vmstate import VmStatus
-from nkudo.wire.vocab import ActionType, ExecState, LogLevel
+from nkudo.wire.vocab import ActionType, ConsoleState, ExecState, LogLevel
 
 #: A timestamp as every response body spells it: ``iso()`` of a UTC datetime (``2024-05-01T12:00:00.5Z``).
 Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
@@ -50,6 +51,8 @@ class ErrorDetail(_View):
     code: str
     message: str
     field: str | None = None
+    #: Set on a 429 RATE_LIMITED: the route class whose limit was reached (issue 12).
+    route_class: str | None = None
 
 
 class ErrorResponse(_View):
@@ -277,6 +280,45 @@ class HostList(_View):
     hosts: list[HostView]
 
 
+class VmRatesView(_View):
+    """Per-second rates between a VM's last two counter reports (issue 15); ``null`` across a reset or a gap.
+
+    ``cpu_cores`` is CPU seconds per second of the VMM (1.0 = one core busy).
+    """
+
+    interval_seconds: float
+    rx_bytes: float | None
+    tx_bytes: float | None
+    rx_packets: float | None
+    tx_packets: float | None
+    rx_drops: float | None
+    tx_drops: float | None
+    cpu_cores: float | None
+    read_bytes: float | None
+    write_bytes: float | None
+
+
+class VmCountersView(_View):
+    """A VM's latest kernel counters as its agent reported them (issue 15), cumulative; ``null`` = no source.
+
+    Network is in the VM's direction (``rx`` is what it received), over its TAPs; CPU and block bytes are
+    its VMM process's. ``rates`` is present once two reports exist.
+    """
+
+    at: Timestamp
+    rx_bytes: int | None
+    rx_packets: int | None
+    rx_drops: int | None
+    tx_bytes: int | None
+    tx_packets: int | None
+    tx_drops: int | None
+    cpu_ms: int | None
+    read_bytes: int | None
+    write_bytes: int | None
+    rss_bytes: int | None
+    rates: VmRatesView | None = None
+
+
 class VmView(_View):
     vm_id: str
     tenant_id: Id
@@ -288,6 +330,7 @@ class VmView(_View):
     memory_mib: int
     updated_at: Timestamp
     last_transition_at: Timestamp | None
+    counters: VmCountersView | None = None  # issue 15: absent until the VM's agent reports counters
 
 
 class VmList(_View):
@@ -314,9 +357,141 @@ class AgentList(_View):
     agents: list[AgentStatusView]
 
 
+# --- issue 12 part 2: the audit chain ------------------------------------------------------------------
+
+
+class AuditChainEventView(_View):
+    """An audit event with its place in its chain (``chain`` is the tenant id, or ``global``)."""
+
+    id: int
+    chain: str
+    seq: int
+    tenant_id: Id | None
+    actor_type: ActorType
+    actor_id: str | None
+    action: str
+    object_type: str
+    object_id: str
+    request_id: str | None
+    source_ip: str | None
+    details: dict[str, Any]
+    occurred_at: Timestamp
+    prev_hash: str
+    entry_hash: str
+
+
+class AuditEventPage(_View):
+    """Audit events, newest first; ``next_before_id`` is the ``before_id`` of the next page (null at the end)."""
+
+    events: list[AuditChainEventView]
+    next_before_id: int | None
+
+
+class AuditBreakView(_View):
+    """The first event of a chain verification cannot trust (``event_id`` null when the event is missing)."""
+
+    chain: str
+    seq: int
+    event_id: int | None
+    reason: BreakReason
+    detail: str
+
+
+class AuditChainView(_View):
+    """One chain's verification: its events, head, checkpoints, how far signatures cover it, first break."""
+
+    chain: str
+    events: int
+    head_seq: int
+    checkpoints: int
+    signed_seq: int
+    unsigned_events: int
+    broken: AuditBreakView | None
+
+
+class AuditVerifyReport(_View):
+    """The result of verifying the audit chains: valid only if no chain is broken."""
+
+    valid: bool
+    total: int
+    chains: list[AuditChainView]
+    first_broken: AuditBreakView | None
+    verified_at: Timestamp
+
+
+class AuditCheckpointView(_View):
+    """A signed checkpoint: the head (seq, hash) of a chain at a time, signed by the audit key ``key_id``."""
+
+    chain: str
+    seq: int
+    entry_hash: str
+    signed_at: Timestamp
+    key_id: str
+    signature: str
+
+
+class AuditCheckpoints(_View):
+    """The checkpoints one signing round made (chains whose head had not moved are left out)."""
+
+    checkpoints: list[AuditCheckpointView]
+
+
+# --- issue 15 part 3: a VM's console tail ---------------------------------------------------------------------
+
+
+class VmConsoleView(_View):
+    """A VM's console tail, shipped by its host's agent on a heartbeat (``state`` says whether it is there yet).
+
+    ``text`` never holds a control character but newline and tab (the agent sanitises it, the wire refuses
+    anything else); while ``PENDING``, poll again after ``retry_after_seconds``.
+    """
+
+    vm_id: str
+    site_id: Id
+    host_id: Id | None
+    state: ConsoleState
+    lines: int
+    text: str
+    captured_at: Timestamp | None
+    retry_after_seconds: int | None = None
+
+
+# --- issue 12 part 3: tenant quotas ----------------------------------------------------------------------------
+
+
+class QuotaLimits(_View):
+    """A tenant's effective limits (its overrides, else the defaults)."""
+
+    max_sites: int
+    max_agents_per_site: int
+    max_vms_per_agent: int
+    max_concurrent_plans: int
+    max_api_keys: int
+
+
+class QuotaUsage(_View):
+    """What counts against the tenant-wide limits now (live API keys; PENDING and IN_PROGRESS plans)."""
+
+    sites: int
+    api_keys: int
+    concurrent_plans: int
+
+
+class QuotaView(_View):
+    """A tenant's quota: the limits in force, which of them an admin overrode, and current use."""
+
+    tenant_id: Id
+    limits: QuotaLimits
+    overridden: list[str]
+    usage: QuotaUsage
+
+
 #: Every response body of the tenant/admin API, in the order the OpenAPI document lists them.
 VIEWS: Final[tuple[type[msgspec.Struct], ...]] = (
     ErrorResponse, Health, Readiness, TenantView, TenantList, ApiKeyCreated, ApiKeyList, SiteView, SiteList,
     TokenIssued, TokenList, AuditEvents, PlanView, ExecutionView, ExecutionList, ExecutionLogs, HostList, VmList,
     AgentList,
+    AuditEventPage, AuditVerifyReport, AuditCheckpoints,  # issue 12 part 2
+    VmConsoleView,  # issue 15 part 3
+    QuotaView,  # issue 12 part 3
 )

@@ -110,11 +110,64 @@ class VMSummary(_Strict):
     memory_mib: Annotated[int, msgspec.Meta(ge=0, le=4 * 1024 * 1024)] = 0
 
 
+class VmCounters(_Strict, array_like=True):
+    """One VM's kernel counters in a heartbeat (issue 15), compact: a JSON array, not an object.
+
+    ``[vm_id, rx_bytes, rx_packets, rx_drops, tx_bytes, tx_packets, tx_drops, cpu_ms, read_bytes,
+    write_bytes, rss_bytes]``: network summed over the VM's TAPs in the VM's direction (``rx`` is what
+    the VM received), CPU milliseconds and block bytes of its VMM process, and its resident memory. All
+    but ``rss_bytes`` are cumulative since the TAP or VMM was created, so the control plane derives
+    rates from two reports. ``null`` means "no live source" (TAP gone, VMM not running), never zero.
+    Why an array: a heartbeat can carry a thousand of these every 15 s.
+    """
+
+    vm_id: Ident
+    rx_bytes: Count | None = None
+    rx_packets: Count | None = None
+    rx_drops: Count | None = None
+    tx_bytes: Count | None = None
+    tx_packets: Count | None = None
+    tx_drops: Count | None = None
+    cpu_ms: Count | None = None
+    read_bytes: Count | None = None
+    write_bytes: Count | None = None
+    rss_bytes: Count | None = None
+
+
 class ExecutionProgress(_Strict):
     execution_id: Uuid
     #: Only progress is reported mid-action; terminal states travel as ``ActionResult``.
     state: Literal["RUNNING"] = "RUNNING"  # ExecState.RUNNING, as the one value a Literal can name
     message: Message = ""
+
+
+# --- console tails (issue 15) -----------------------------------------------
+
+#: Characters a console tail may never carry: C0 but newline and tab, DEL, C1, the Unicode line/paragraph
+#: separators, direction overrides and marks, and lone surrogates. One definition: the agent's sanitiser
+#: removes exactly these (``nkudo.agent.console``) and the control plane refuses a tail that still has one.
+CONSOLE_FORBIDDEN: Final = r"\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff"
+MAX_CONSOLE_LINES: Final = 1000
+MAX_CONSOLE_CHARS: Final = 64 * 1024
+MAX_CONSOLE_REQUESTS: Final = 8
+ConsoleLines = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONSOLE_LINES)]
+ConsoleText = Annotated[str, msgspec.Meta(max_length=MAX_CONSOLE_CHARS, pattern=rf"^[^{CONSOLE_FORBIDDEN}]*\Z")]
+
+
+class ConsoleRequest(_Strict):
+    """The control plane asks for the last ``lines`` lines of a VM's console (answered on the next heartbeat)."""
+
+    vm_id: Ident
+    lines: ConsoleLines = 100
+
+
+class ConsoleTail(_Strict):
+    """An agent's answer to a :class:`ConsoleRequest`: sanitised text, or ``found=False`` (no such console)."""
+
+    vm_id: Ident
+    lines: ConsoleLines
+    text: ConsoleText = ""
+    found: bool = True
 
 
 class HeartbeatRequest(_Strict):
@@ -128,8 +181,16 @@ class HeartbeatRequest(_Strict):
         default_factory=list
     )
     sent_at: datetime | None = None
+    #: Per-VM kernel counters (issue 15); absent from older agents, which stay valid.
+    vm_counters: Annotated[list[VmCounters], msgspec.Meta(max_length=MAX_VMS_PER_HEARTBEAT)] = msgspec.field(
+        default_factory=list
+    )
     #: False for probes (``nkudo-edge verify-heartbeat``): answer, but lease no plans to this call.
     lease: bool = True
+    #: Console tails the control plane asked for in the previous heartbeat's answer (issue 15).
+    consoles: Annotated[list[ConsoleTail], msgspec.Meta(max_length=MAX_CONSOLE_REQUESTS)] = msgspec.field(
+        default_factory=list
+    )
 
 
 class LeasedAction(_Strict):
@@ -153,6 +214,8 @@ class HeartbeatResponse(_Strict):
     next_heartbeat_seconds: int
     pending_plans: list[LeasedPlan]
     rotate_certificate: bool = False
+    #: Console tails wanted from this host: ship them in the next heartbeat (issue 15).
+    console_requests: list[ConsoleRequest] = msgspec.field(default_factory=list)
 
 
 class PlansNextResponse(_Strict):
@@ -208,7 +271,10 @@ class LogBatchResponse(_Strict):
 
 
 class UnenrollRequest(_Strict):
-    reason: Literal["decommissioned", "compromised", "reinstall", "other"] = "decommissioned"
+    """Why the agent leaves: ``compromised`` revokes its certificates with reason keyCompromise, every other
+    reason (``retired``, what ``nkudo-edge unenroll`` sends by default) with cessationOfOperation (issue 12)."""
+
+    reason: Literal["retired", "compromised", "decommissioned", "reinstall", "other"] = "decommissioned"
 
 
 class RenewRequest(_Strict):

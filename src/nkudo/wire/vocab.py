@@ -61,7 +61,7 @@ def reported_status(status: ResultStatus) -> ReportedStatus:
 
 
 class ActionType(enum.StrEnum):
-    """The eight plan action types (``nkudo.wire.actions.ACTION_TYPES`` maps each to its params)."""
+    """The nine plan action types (``nkudo.wire.actions.ACTION_TYPES`` maps each to its params)."""
 
     MICROVM_CREATE = "MicroVMCreate"
     MICROVM_START = "MicroVMStart"
@@ -70,6 +70,7 @@ class ActionType(enum.StrEnum):
     MICROVM_PAUSE = "MicroVMPause"
     MICROVM_RESUME = "MicroVMResume"
     MICROVM_SNAPSHOT = "MicroVMSnapshot"
+    MICROVM_RESTORE = "MicroVMRestore"
     COMMAND_EXECUTE = "CommandExecute"
 
     @property
@@ -110,8 +111,11 @@ class ErrorCode(enum.StrEnum):
     # VM handlers and providers
     BOOT_FAILED = "BOOT_FAILED"
     INVALID_STATE = "INVALID_STATE"
+    RESTORE_FAILED = "RESTORE_FAILED"
     SNAPSHOT_EXISTS = "SNAPSHOT_EXISTS"
     SNAPSHOT_FAILED = "SNAPSHOT_FAILED"
+    SNAPSHOT_INVALID = "SNAPSHOT_INVALID"
+    SNAPSHOT_NOT_FOUND = "SNAPSHOT_NOT_FOUND"
     VM_BROKEN = "VM_BROKEN"
     VM_EXISTS = "VM_EXISTS"
     VM_NOT_FOUND = "VM_NOT_FOUND"
@@ -137,11 +141,15 @@ class ErrorCode(enum.StrEnum):
     TOKEN_ALREADY_USED = "TOKEN_ALREADY_USED"  # noqa: S105 - an error code, not a secret
     TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105 - an error code, not a secret
     TOKEN_INVALID = "TOKEN_INVALID"  # noqa: S105 - an error code, not a secret
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # issue 12: a tenant limit (the error's field names it)
     NOT_ENROLLED = "NOT_ENROLLED"
     RENEW_NOT_DUE = "RENEW_NOT_DUE"
     CP_BAD_RESPONSE = "CP_BAD_RESPONSE"
     CP_TLS_UNTRUSTED = "CP_TLS_UNTRUSTED"
     CP_UNREACHABLE = "CP_UNREACHABLE"
+    # issue 12: the control plane's 429s (the agent waits for Retry-After)
+    RATE_LIMITED = "RATE_LIMITED"
+    LOCKED_OUT = "LOCKED_OUT"
     CREDENTIALS_PENDING = "CREDENTIALS_PENDING"
     # control-plane answers meaning this agent's identity is gone (see IDENTITY_GONE)
     AGENT_UNENROLLED = "AGENT_UNENROLLED"
@@ -198,3 +206,11 @@ class ErrorCode(enum.StrEnum):
 
 #: Control-plane answers that mean this agent's identity is no longer usable: stop, do not retry.
 IDENTITY_GONE: Final = frozenset({ErrorCode.UNKNOWN_AGENT, ErrorCode.AGENT_UNENROLLED, ErrorCode.CERTIFICATE_REVOKED})
+
+
+class ConsoleState(enum.StrEnum):
+    """Where a console tail asked of the control plane stands (issue 15, ``GET /vms/{vm_id}/console``)."""
+
+    PENDING = "PENDING"  # asked; the host's agent ships it on its next heartbeat
+    READY = "READY"  # shipped: ``text`` holds the tail
+    UNAVAILABLE = "UNAVAILABLE"  # the host has no console for this VM (or the VM has no host)

@@ -16,39 +16,69 @@ from nkudo.cp.domain import PrincipalKind
 from nkudo.cp.errors import NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate
 from nkudo.cp.ports import Clock, Transactions
+from nkudo.cp.ratelimit import Credential
 from nkudo.cp.records import AuditEntry, Principal, RequestInfo, iso, stamp
-from nkudo.cp.usecases.common import audit, new_id, rand_token, sha256_hex, tenant_scope
+from nkudo.cp.usecases import quotas
+from nkudo.cp.usecases.common import NO_REQUEST, audit, new_id, rand_token, sha256_hex, tenant_scope
+from nkudo.cp.usecases.lockout import Lockouts
 
 ADMIN = Principal(PrincipalKind.ADMIN)
 
 
 class Access:
-    def __init__(self, db: Transactions, clock: Clock, admin_key: str, metrics_token: str | None) -> None:
+    def __init__(self, db: Transactions, clock: Clock, admin_key: str, metrics_token: str | None,
+                 lockouts: Lockouts | None = None) -> None:
         self.db = db
         self.clock = clock
+        self.lockouts = lockouts
         # Refused here too (not only at start-up): whatever builds the control plane, an empty or weak
         # root credential must not become one that an empty header matches.
         self.admin_key = check_admin_key(admin_key, "the admin key").encode()
         token = presented_secret(metrics_token)
         self._metrics_token = token.encode() if token is not None else None
 
-    async def authenticate(self, admin_key: str | None, api_key: str | None) -> Principal:
+    async def authenticate(self, admin_key: str | None, api_key: str | None, source: str | None = None,
+                           info: RequestInfo = NO_REQUEST) -> Principal:
         """The principal behind the request's ``X-Admin-Key`` / ``X-API-Key`` headers.
 
         A header that is sent is checked even when it is empty: an empty or whitespace-only key is no
-        credential (``presented_secret``) and is refused, never compared.
+        credential (``presented_secret``) and is refused, never compared. ``source`` is the client address
+        (issue 12 lock-out): while it is locked out of a credential type every key of that type is refused
+        (a correct one too, or guessing would go on), and each wrong key (not an empty one, which guesses
+        nothing) counts towards its next lock.
         """
+        lock = self.lockouts if self.lockouts is not None and self.lockouts.enabled else None
         if admin_key is not None:
-            if self.is_admin_key(admin_key):
+            if await self.admin_key_ok(admin_key, source, info):
                 return ADMIN
             raise Unauthenticated("invalid admin key", code="INVALID_ADMIN_KEY")
         if api_key is not None:
             key = presented_secret(api_key)
-            row = None if key is None else await self.db.run(self._api_key_tx, sha256_hex(key), self.clock.now())
+            if key is None:
+                if lock is not None:
+                    await lock.check(source, Credential.API_KEY)
+                row = None
+            else:
+                row = await self.db.run(self._api_key_tx, sha256_hex(key), self.clock.now(), source)
             if row is None:
+                if lock is not None and key is not None:
+                    await lock.record_failure(source, Credential.API_KEY, info)
                 raise Unauthenticated("invalid, expired or revoked API key", code="INVALID_API_KEY")
             return row
         raise Unauthenticated("X-Admin-Key or X-API-Key header required", code="UNAUTHENTICATED")
+
+    async def admin_key_ok(self, admin_key: str, source: str | None, info: RequestInfo = NO_REQUEST) -> bool:
+        """``is_admin_key`` under the lock-out (issue 12): every place that accepts the admin key (API routes,
+        ``/readyz``, ``/metrics``) refuses a locked-out source and counts a wrong key, so none of them is a
+        side door for guessing it."""
+        lock = self.lockouts if self.lockouts is not None and self.lockouts.enabled else None
+        if lock is not None:
+            await lock.check(source, Credential.ADMIN_KEY)
+        if self.is_admin_key(admin_key):
+            return True
+        if lock is not None and presented_secret(admin_key) is not None:  # an empty header is no guess
+            await lock.record_failure(source, Credential.ADMIN_KEY, info)
+        return False
 
     def is_admin_key(self, admin_key: str) -> bool:
         """Constant-time check of a presented admin key (no early exit that would leak a prefix match).
@@ -74,8 +104,10 @@ class Access:
                 return
         raise Unauthenticated("X-Admin-Key or a metrics bearer token is required", code="UNAUTHENTICATED")
 
-    @staticmethod
-    def _api_key_tx(conn: Connection, key_hash: str, now: dt.datetime) -> Principal | None:
+    def _api_key_tx(self, conn: Connection, key_hash: str, now: dt.datetime, source: str | None
+                    ) -> Principal | None:
+        if self.lockouts is not None:
+            self.lockouts.check_in(conn, source, Credential.API_KEY)
         k = t.api_keys.c
         r = conn.execute(
             sa.select(k.tenant_id, k.id).where(
@@ -89,6 +121,7 @@ class Access:
         def tx(conn: Connection) -> v.ApiKeyCreated:
             tenant_scope(conn, p, tenant_id)
             now = self.clock.now()
+            quotas.check_api_keys(conn, tenant_id, now)  # issue 12: max_api_keys
             kid, key = new_id(), "nk_" + rand_token()
             exp = now + dt.timedelta(seconds=body.expires_in_seconds) if body.expires_in_seconds else None
             conn.execute(t.api_keys.insert().values(id=kid, tenant_id=tenant_id, name=body.name,

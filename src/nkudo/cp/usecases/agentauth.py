@@ -16,8 +16,8 @@ from sqlalchemy.engine import Connection, Row
 
 from nkudo.cp import domain
 from nkudo.cp import schema as t
-from nkudo.cp.config import Settings
-from nkudo.cp.domain import ActorType, AgentState, PlanStatus
+from nkudo.cp.config import Settings, crl_distribution_url
+from nkudo.cp.domain import ActorType, AgentState, PlanStatus, RevocationReason
 from nkudo.cp.errors import Conflict, Unauthenticated
 from nkudo.cp.ports import Authority, Clock, Transactions
 from nkudo.cp.records import Actor, AgentIdentity, AgentRecord, AuditEntry, RequestInfo
@@ -83,7 +83,7 @@ class AgentCredentials:
                 refresh_token_hash=None, unenrolled_at=now))
             conn.execute(t.certificates.update().where(
                 c.agent_id == agent.id, sa.or_(c.revoked_at.is_(None), c.revoked_at > now),
-            ).values(revoked_at=now, revocation_reason=domain.revocation_reason(req.reason)))
+            ).values(revoked_at=now, revocation_reason=domain.revocation_reason(req.reason).value))
             conn.execute(t.hosts.update().where(t.hosts.c.current_agent_id == agent.id).values(current_agent_id=None))
             # Give its work back at once instead of waiting for lease expiry.
             release_work(conn, [agent.id], now)
@@ -103,7 +103,8 @@ class AgentCredentials:
                 raise Unauthenticated("refresh token is not valid", code="INVALID_REFRESH_TOKEN",
                                       field="refresh_token")
             issued = self.ca.sign_agent(csr, agent_id=agent.id, tenant_id=agent.tenant_id, site_id=agent.site_id,
-                                        ttl=dt.timedelta(seconds=self.s.agent_cert_ttl))
+                                        ttl=dt.timedelta(seconds=self.s.agent_cert_ttl),
+                                        crl_url=crl_distribution_url(self.s))
             refresh = rand_token()
             grace_end = now + dt.timedelta(seconds=self.s.renew_grace)
             res = conn.execute(t.agents.update().where(_a.id == agent.id, _a.cert_serial == agent.cert_serial)
@@ -112,8 +113,9 @@ class AgentCredentials:
                                        refresh_token_hash=sha256_hex(refresh)))
             if res.rowcount != 1:
                 raise Conflict("certificate was renewed concurrently", code="RENEW_CONFLICT")
+            # Revoked as of the end of the grace period: the CRL lists it (reason superseded) only from then on.
             conn.execute(t.certificates.update().where(t.certificates.c.serial == agent.cert_serial).values(
-                revoked_at=grace_end, revocation_reason="superseded"))
+                revoked_at=grace_end, revocation_reason=RevocationReason.SUPERSEDED.value))
             conn.execute(t.certificates.insert().values(serial=issued.serial, agent_id=agent.id, issued_at=now,
                                                         expires_at=issued.not_after))
             audit(conn, info, AuditEntry(Actor(ActorType.AGENT, agent.id), "agent.renew", agent.tenant_id, "agent",

@@ -14,9 +14,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
-from nkudo.cp import domain
+from nkudo.cp import auditchain, domain
 from nkudo.cp import schema as t
 from nkudo.cp.domain import AgentState, ExecState, PrincipalKind
 from nkudo.cp.errors import NotFound, Unauthenticated
@@ -38,12 +40,43 @@ def rand_token() -> str:
 
 
 def audit(conn: Connection, info: RequestInfo, entry: AuditEntry, now: dt.datetime) -> None:
-    """Record ``entry`` in the current transaction (so an event exists exactly when its change does)."""
-    conn.execute(t.audit_events.insert().values(
-        tenant_id=entry.tenant_id, actor_type=entry.actor.type.value, actor_id=entry.actor.id, action=entry.action,
+    """Append ``entry`` to its chain in the current transaction (so an event exists exactly when its change does).
+
+    The one writer of audit events. The chain is the entry's tenant, or ``global`` when it has none. The
+    chain's head row is locked first (``FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already
+    serialises writers), so appends from any number of replicas take turns and each links to the one
+    before it; a rolled-back change takes its event with it. ``(chain, seq)`` is unique besides, so a
+    fork is impossible even for a writer that skipped the lock. Events that record no change of their own
+    (a refused enrollment, a lock-out) go through ``AuditLog.record``, which gives them a transaction.
+    """
+    chain = entry.tenant_id or auditchain.GLOBAL_CHAIN
+    h = t.audit_chain_heads.c
+    lock = sa.select(h.seq, h.entry_hash).where(h.chain == chain).with_for_update()
+    head = conn.execute(lock).first()
+    if head is None:  # the chain's first event: create its head (a concurrent creator makes this a no-op)
+        first = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(t.audit_chain_heads)
+        conn.execute(first.values(chain=chain, seq=0, entry_hash=auditchain.GENESIS, updated_at=now)
+                     .on_conflict_do_nothing(index_elements=["chain"]))
+        head = conn.execute(lock).one()
+    seq, prev = head.seq + 1, head.entry_hash
+    details = auditchain.normalise(entry.details)
+    actor_type = entry.actor.type.value
+    digest = auditchain.link(chain, seq, now, entry.tenant_id, actor_type, entry.actor.id, entry.action,
+                             entry.object_type, entry.object_id, info.request_id, info.source_ip, details, prev)
+    ins = t.audit_events.insert().values(
+        tenant_id=entry.tenant_id, actor_type=actor_type, actor_id=entry.actor.id, action=entry.action,
         object_type=entry.object_type, object_id=entry.object_id, request_id=info.request_id,
-        source_ip=info.source_ip, details=entry.details or {}, occurred_at=now,
-    ))
+        source_ip=info.source_ip, details=details, occurred_at=now, chain=chain, seq=seq, prev_hash=prev,
+        entry_hash=digest,
+    )
+    move = t.audit_chain_heads.update().where(h.chain == chain).values(seq=seq, entry_hash=digest, updated_at=now)
+    if conn.dialect.name == "postgresql":
+        # One round trip fewer while the head is locked (a data-modifying CTE runs even when unreferenced):
+        # the lock is held until commit, so this is what bounds one chain's appends per second.
+        conn.execute(move.add_cte(ins.cte("appended")))
+    else:
+        conn.execute(ins)
+        conn.execute(move)
 
 
 def require_admin(p: Principal) -> None:

@@ -12,7 +12,7 @@ from nkudo.cp import domain
 from nkudo.cp import schema as t
 from nkudo.cp import views as v
 from nkudo.cp.config import Settings
-from nkudo.cp.ports import Authority, Clock, Transactions
+from nkudo.cp.ports import Authority, Clock, RevokedEntry, Transactions
 from nkudo.cp.records import CrlState, iso
 
 
@@ -24,12 +24,14 @@ class Crl:
         self.clock = clock
         self._cached: CrlState | None = None
 
-    def _revoked_tx(self, conn: Connection) -> list[tuple[str, dt.datetime]]:
+    def _revoked_tx(self, conn: Connection) -> list[RevokedEntry]:
+        """Revocations in force now: a renewed certificate's (``superseded``) only once its grace has ended."""
         c = t.certificates.c
         now = self.clock.now()
-        return sorted((r.serial, r.revoked_at) for r in conn.execute(
-            sa.select(c.serial, c.revoked_at).where(c.revoked_at.is_not(None), c.revoked_at <= now,
-                                                    c.expires_at > now)))
+        return sorted((RevokedEntry(r.serial, r.revoked_at, r.revocation_reason) for r in conn.execute(
+            sa.select(c.serial, c.revoked_at, c.revocation_reason).where(
+                c.revoked_at.is_not(None), c.revoked_at <= now, c.expires_at > now))),
+            key=lambda e: e.serial)
 
     async def state(self) -> CrlState:
         """The current signed CRL, re-signed when the revoked set changed or half its validity has passed.
@@ -47,13 +49,18 @@ class Crl:
             return cached
         number = domain.next_crl_number(now, cached.number if cached else None)
         validity = dt.timedelta(seconds=self.s.crl_validity)
-        pem, this_update, next_update = self.ca.crl_pem(revoked, number=number, validity=validity)
-        self._cached = CrlState(revoked=revoked, pem=pem, number=number, this_update=this_update,
-                                next_update=next_update, refresh_at=this_update + validity / 2)
+        signed = self.ca.sign_crl(revoked, number=number, validity=validity)
+        self._cached = CrlState(revoked=revoked, der=signed.der, pem=signed.pem, number=number,
+                                this_update=signed.this_update, next_update=signed.next_update,
+                                refresh_at=signed.this_update + validity / 2)
         return self._cached
 
     async def pem(self) -> bytes:
         return (await self.state()).pem
+
+    async def der(self) -> bytes:
+        """The same CRL in DER (``application/pkix-crl``, RFC 5280 section 4.2.1.13's form for HTTP)."""
+        return (await self.state()).der
 
     async def readiness(self) -> v.ReadinessChecks:
         """Dependency checks for ``/readyz``: database round trip, CA usable, CRL current.

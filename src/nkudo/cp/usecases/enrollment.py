@@ -10,12 +10,14 @@ from sqlalchemy.engine import Connection
 
 from nkudo.cp import schema as t
 from nkudo.cp import views as v
-from nkudo.cp.config import Settings
+from nkudo.cp.config import Settings, crl_distribution_url
 from nkudo.cp.domain import ActorType, AgentState, Connectivity
 from nkudo.cp.errors import Conflict, NotFound, Unauthenticated
 from nkudo.cp.models import TokenCreate
 from nkudo.cp.ports import Authority, Clock, Metrics, Transactions
+from nkudo.cp.ratelimit import Credential
 from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo, iso, stamp
+from nkudo.cp.usecases import quotas
 from nkudo.cp.usecases.common import (
     audit,
     new_id,
@@ -24,12 +26,15 @@ from nkudo.cp.usecases.common import (
     sha256_hex,
     tenant_scope,
 )
+from nkudo.cp.usecases.lockout import Lockouts
 from nkudo.wire import codec
 from nkudo.wire import messages as wm
 
 
 class Enrollment:
-    def __init__(self, settings: Settings, db: Transactions, ca: Authority, metrics: Metrics, clock: Clock) -> None:
+    def __init__(self, settings: Settings, db: Transactions, ca: Authority, metrics: Metrics, clock: Clock,
+                 lockouts: Lockouts | None = None) -> None:
+        self.lockouts = lockouts
         self.s = settings
         self.db = db
         self.ca = ca
@@ -74,19 +79,27 @@ class Enrollment:
 
         return await self.db.run(tx)
 
-    async def enroll(self, req: wm.EnrollRequest, csr: x509.CertificateSigningRequest, info: RequestInfo
-                     ) -> wm.EnrollResponse:
-        """Enroll a host. The CSR was validated by the caller, so a bad CSR never burns the token."""
+    async def enroll(self, req: wm.EnrollRequest, csr: x509.CertificateSigningRequest, info: RequestInfo,
+                     source: str | None = None) -> wm.EnrollResponse:
+        """Enroll a host. The CSR was validated by the caller, so a bad CSR never burns the token.
+
+        ``source`` is the client address (issue 12): a source that guessed too many tokens is locked out of
+        enrollment (checked in the enrollment's transaction), and every unknown token counts towards that.
+        """
         try:
-            out = await self.db.run(self._enroll_tx, req, csr, info)
+            out = await self.db.run(self._enroll_tx, req, csr, info, source)
         except Exception as exc:
             self.metrics.enrollments.labels(getattr(exc, "code", "ERROR")).inc()
+            if self.lockouts is not None and getattr(exc, "code", None) == "TOKEN_INVALID":
+                await self.lockouts.record_failure(source, Credential.ENROLLMENT_TOKEN, info)
             raise
         self.metrics.enrollments.labels("OK").inc()
         return out
 
     def _enroll_tx(self, conn: Connection, req: wm.EnrollRequest, csr: x509.CertificateSigningRequest,
-                   info: RequestInfo) -> wm.EnrollResponse:
+                   info: RequestInfo, source: str | None = None) -> wm.EnrollResponse:
+        if self.lockouts is not None:
+            self.lockouts.check_in(conn, source, Credential.ENROLLMENT_TOKEN)
         now = self.clock.now()
         e = t.enrollment_tokens.c
         tok = conn.execute(sa.select(t.enrollment_tokens).where(e.token_hash == sha256_hex(req.enrollment_token))
@@ -118,8 +131,11 @@ class Enrollment:
             # Rolls back the token consumption: the operator can unenroll the old agent and retry.
             raise Conflict(f"host {req.hostname!r} already has an enrolled agent", code="HOST_ALREADY_ENROLLED",
                            field="hostname")
+        # Issue 12: max_agents_per_site (a refusal also rolls back the token consumption).
+        quotas.check_agents(conn, tok.tenant_id, tok.site_id)
         issued = self.ca.sign_agent(csr, agent_id=agent_id, tenant_id=tok.tenant_id, site_id=tok.site_id,
-                                    ttl=dt.timedelta(seconds=self.s.agent_cert_ttl))
+                                    ttl=dt.timedelta(seconds=self.s.agent_cert_ttl),
+                                    crl_url=crl_distribution_url(self.s))
         refresh = rand_token()
         if host is None:
             host_id = new_id()

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Row
 
-from nkudo.cp import domain
+from nkudo.cp import domain, vmcounters
 from nkudo.cp import schema as t
 from nkudo.cp.batching import Coalescer
 from nkudo.cp.config import Settings
@@ -24,6 +24,7 @@ from nkudo.cp.ports import Clock, Metrics, Transactions
 from nkudo.cp.records import Actor, AgentIdentity, AgentRecord, AuditEntry
 from nkudo.cp.usecases.agentauth import HAS_WORK, authorized, load_agent
 from nkudo.cp.usecases.common import NO_REQUEST, audit, set_site_connectivity
+from nkudo.cp.usecases.console import CONSOLE_WANTED, Consoles
 from nkudo.wire import codec
 from nkudo.wire import messages as wm
 
@@ -32,7 +33,7 @@ _B = sa.bindparam
 #: The columns the authorisation and the "does this heartbeat change anything?" decision need, for every
 #: agent in a batch of concurrent heartbeats (see ``nkudo.cp.batching``).
 _HB_COLUMNS = (_a.id, _a.state, _a.cert_serial, _a.prev_cert_serial, _a.prev_serial_valid_until, _a.vm_digest,
-               _a.facts_digest, _a.agent_version, HAS_WORK)
+               _a.facts_digest, _a.agent_version, HAS_WORK, CONSOLE_WANTED)
 _SEL_AGENTS_HB = sa.select(*_HB_COLUMNS).where(_a.id.in_(_B("agent_ids", expanding=True)))
 #: PostgreSQL: ``= ANY(array)`` keeps one SQL text whatever the batch size, so the driver prepares it once.
 _SEL_AGENTS_HB_PG = sa.select(*_HB_COLUMNS).where(
@@ -73,8 +74,10 @@ def _vm_upsert(db: Transactions) -> Any:
 
 
 class Heartbeats:
-    def __init__(self, settings: Settings, db: Transactions, metrics: Metrics, clock: Clock) -> None:
+    def __init__(self, settings: Settings, db: Transactions, metrics: Metrics, clock: Clock,
+                 consoles: Consoles | None = None) -> None:
         self.s = settings
+        self.consoles = consoles or Consoles(settings, db, clock)
         self.db = db
         self.metrics = metrics
         self.clock = clock
@@ -82,6 +85,8 @@ class Heartbeats:
         # flushed in one batch every ``flush_interval`` (well under the offline threshold) instead of one
         # write transaction per heartbeat.
         self.seen: dict[str, tuple[dt.datetime, int]] = {}
+        # Issue 15: the latest per-VM counters of each agent, written by the same periodic flush (never here).
+        self.counters: dict[str, tuple[dt.datetime, list[wm.VmCounters]]] = {}
         self.flush_interval = min(1.0, settings.offline_after / 4)
         self._agents: Coalescer[str, Row[Any]] = Coalescer(self._read_agents)
         self._vm_upsert = _vm_upsert(db)
@@ -99,6 +104,8 @@ class Heartbeats:
         """
         now = self.clock.now()
         agent = authorized(await self._agents.get(ident.cn), ident, now)
+        if req.vm_counters:
+            self.counters[agent.id] = (now, req.vm_counters)
         quiet = domain.heartbeat_is_quiet(
             state=agent.state, has_work=agent.has_work, wants_lease=req.lease,
             has_updates=bool(req.execution_updates), vm_digest=vm_digest, stored_vm_digest=agent.vm_digest,
@@ -112,7 +119,10 @@ class Heartbeats:
         else:
             plans = await self.db.run(self._heartbeat_tx, ident, req, vm_digest, facts_digest)
         self.metrics.heartbeats.inc()
-        return wm.HeartbeatResponse(next_heartbeat_seconds=self.s.heartbeat_interval, pending_plans=plans)
+        resp = wm.HeartbeatResponse(next_heartbeat_seconds=self.s.heartbeat_interval, pending_plans=plans)
+        if agent.console_wanted or req.consoles:  # issue 15: tails asked for / shipped (own transaction)
+            resp.console_requests = await self.consoles.exchange(agent.id, req.consoles)
+        return resp
 
     async def _read_agents(self, agent_ids: list[str]) -> dict[str, Row[Any]]:
         """Authorisation and change-detection columns of a batch of heartbeating agents (one statement)."""
@@ -131,10 +141,14 @@ class Heartbeats:
 
     async def flush_seen(self) -> int:
         """Persist buffered "last seen" times (called periodically, before sweeping and at shutdown)."""
-        if not self.seen:
+        if not self.seen and not self.counters:
             return 0
         seen, self.seen = self.seen, {}
-        await self.db.run(self._flush_seen_tx, seen)
+        counters, self.counters = self.counters, {}
+        if seen:
+            await self.db.run(self._flush_seen_tx, seen)
+        if counters:
+            await self.db.run(vmcounters.flush_tx, counters)
         return len(seen)
 
     def _heartbeat_tx(self, conn: Connection, ident: AgentIdentity, req: wm.HeartbeatRequest, vm_digest: str,

@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 
 from nkudo.cp import schema as t
 from nkudo.cp import views as v
+from nkudo.cp import vmcounters
 from nkudo.cp.ports import Transactions
 from nkudo.cp.records import Principal, iso, stamp
 from nkudo.cp.usecases.common import site_scope
@@ -50,6 +51,7 @@ class Inventory:
                 vm_id=r.vm_id, tenant_id=r.tenant_id, site_id=r.site_id, host_id=r.host_id, name=r.name,
                 state=r.state, vcpus=r.vcpus, memory_mib=r.memory_mib, updated_at=stamp(r.updated_at),
                 last_transition_at=iso(r.last_transition_at),
+                counters=vmcounters.view(r.counters, r.counters_prev),  # issue 15
             ) for r in rows])
 
         return await self.db.run(tx)

@@ -18,9 +18,11 @@ from nkudo.cp.errors import Conflict, NotFound
 from nkudo.cp.models import PlanCreate
 from nkudo.cp.ports import Clock, Transactions
 from nkudo.cp.records import ActionSpec, AuditEntry, Principal, RequestInfo, Scope, iso, stamp
+from nkudo.cp.usecases import quotas
 from nkudo.cp.usecases.common import audit, new_id, rollup, site_scope
 from nkudo.wire import actions as wa
 from nkudo.wire import codec
+from nkudo.wire.vocab import ActionType
 
 
 def execution_view(r: Row[Any]) -> v.ExecutionView:
@@ -47,6 +49,13 @@ def validate_plan(body: PlanCreate) -> list[ActionSpec]:
                               params=codec.to_builtins(parsed), timeout_seconds=timeout, vm_id=wa.vm_id_of(parsed)))
     wa.check_action_ids([a.action_id for a in out])
     return out
+
+
+def vm_changes(actions: list[ActionSpec]) -> tuple[set[str], set[str]]:
+    """The VM ids a plan creates and deletes (what the VMs-per-agent quota is checked on)."""
+    creates = {a.vm_id for a in actions if a.type == ActionType.MICROVM_CREATE and a.vm_id}
+    deletes = {a.vm_id for a in actions if a.type == ActionType.MICROVM_DELETE and a.vm_id}
+    return creates, deletes
 
 
 def request_digest(site_id: str, actions: list[ActionSpec]) -> str:
@@ -94,6 +103,7 @@ class Plans:
                         digest: str, info: RequestInfo) -> v.PlanView:
         now = self.clock.now()
         site = site_scope(conn, p, site_id)
+        quotas.lock_tenant(conn, site.tenant_id)  # first: concurrent submits at the quota must not both pass
         ik = t.idempotency_keys.c
         prior = conn.execute(sa.select(t.idempotency_keys).where(ik.tenant_id == site.tenant_id, ik.key == key)
                              .with_for_update()).first()
@@ -104,6 +114,8 @@ class Plans:
                                    code="IDEMPOTENCY_KEY_REUSED", field="idempotency_key")
                 return plan_view(conn, prior.plan_id, deduplicated=True)
             conn.execute(t.idempotency_keys.delete().where(ik.tenant_id == site.tenant_id, ik.key == key))
+        # Issue 12: max_concurrent_plans and max_vms_per_agent (after the replay check: a replay adds nothing).
+        quotas.check_plan(conn, site.tenant_id, site.id, *vm_changes(actions))
         plan_id = new_id()
         conn.execute(t.plans.insert().values(
             id=plan_id, tenant_id=site.tenant_id, site_id=site.id, idempotency_key=key, request_digest=digest,

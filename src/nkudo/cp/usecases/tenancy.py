@@ -14,6 +14,7 @@ from nkudo.cp.errors import Conflict
 from nkudo.cp.models import SiteCreate, TenantCreate
 from nkudo.cp.ports import Clock, Transactions
 from nkudo.cp.records import AuditEntry, Principal, RequestInfo, stamp
+from nkudo.cp.usecases import quotas
 from nkudo.cp.usecases.common import audit, new_id, require_admin, tenant_scope
 
 
@@ -58,6 +59,7 @@ class Tenancy:
                           ) -> v.SiteView:
         def tx(conn: Connection) -> v.SiteView:
             tenant_scope(conn, p, tenant_id)
+            quotas.check_sites(conn, tenant_id)  # issue 12: max_sites
             now = self.clock.now()
             s = t.sites.c
             if conn.execute(sa.select(s.id).where(s.tenant_id == tenant_id, s.name == body.name)).first():
