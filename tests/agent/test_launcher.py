@@ -50,6 +50,20 @@ def _act(aid: str, type_: str, **kw: Any) -> dict[str, Any]:
     return {"action_id": aid, "type": type_, "params": {"vm_id": "vm-1", **kw}}
 
 
+def _ppid(pid: int) -> int:
+    """The parent of ``pid`` (0 if it is gone by now)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def _launchers(pids: list[int]) -> list[int]:
+    """The marked processes whose parent is not marked (a forked, not yet exec'd child shows its parent's argv)."""
+    return [p for p in pids if _ppid(p) not in pids]
+
+
 def _marker(h: Host) -> bytes:
     return str(h.vms / "vm-1" / "api.sock").encode()
 
@@ -187,10 +201,12 @@ def test_agent_killed_before_the_launcher_execs_leaves_no_orphan(host: Host) -> 
     agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
-        while not (pids := live_pids(_marker(h))):
+        # The shell forks to run ``sleep``: until that child execs it shows the shell's command line (the
+        # marker) too, so take the process whose parent is not itself a marked process: the launcher.
+        while len(roots := _launchers(live_pids(_marker(h)))) != 1:
             assert agent.poll() is None and time.monotonic() < deadline, "the VMM was never spawned"
             time.sleep(0.01)
-        (pid,) = pids
+        (pid,) = roots
         assert os.readlink(f"/proc/{pid}/exe").endswith("/dash")  # still the launcher
         time.sleep(0.3)  # the spawn is recorded at once; the agent now waits for the API socket
         agent.kill()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import select
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -63,6 +63,8 @@ class VmCounters:
     name: str
     taps: dict[str, LinkCounters] = field(default_factory=dict)
     vmm: VmmUsage | None = None
+    #: The hypervisor's own counters by device id (Cloud Hypervisor's ``vm.counters``); empty elsewhere.
+    device: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def compact(self) -> wm.VmCounters | None:
         """The heartbeat's form: network summed over the VM's TAPs, in the VM's direction; None if empty."""
@@ -175,8 +177,14 @@ class VmCounterCollector:
     ``/proc`` files of the VMMs it has verified; the files of a VMM not seen in a collection are closed.
     """
 
-    def __init__(self, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        backend: str = "auto",
+        device_counters: Callable[[VmRecord], dict[str, dict[str, int]]] | None = None,
+    ) -> None:
         self.backend = backend
+        #: Reads the hypervisor's per-device counters of a VM with a live VMM (``Agent.device_counters``).
+        self._device = device_counters
         self._lock = threading.Lock()
         self._net: HostNet | None = None
         self._procs: dict[tuple[int, int], _ProcFiles] = {}
@@ -191,8 +199,12 @@ class VmCounterCollector:
                 files.close()
             self._procs.clear()
 
-    def collect(self, vms: Iterable[VmRecord]) -> list[VmCounters]:
-        """Counters of every VM in ``vms`` that is not deleted (an empty :class:`VmCounters` if none exist)."""
+    def collect(self, vms: Iterable[VmRecord], *, device: bool = True) -> list[VmCounters]:
+        """Counters of every VM in ``vms`` that is not deleted (an empty :class:`VmCounters` if none exist).
+
+        ``device=False`` skips the hypervisor's device counters (one API call per VM): the heartbeat's compact
+        form does not carry them, and a VMM that does not answer must not delay a heartbeat.
+        """
         with self._lock:
             taps = self._tap_stats()
             out: list[VmCounters] = []
@@ -202,10 +214,22 @@ class VmCounterCollector:
                     continue
                 c = VmCounters(vm.vm_id, vm.name, taps.get(vm.vm_id, {}))
                 c.vmm = self._vmm(vm.process, seen)
+                if device and c.vmm is not None and self._device is not None and vm.status in _BOOTED:
+                    c.device = self._device_counters(vm)
                 out.append(c)
             for key in [k for k in self._procs if k not in seen]:
                 self._procs.pop(key).close()
             return out
+
+    def _device_counters(self, vm: VmRecord) -> dict[str, dict[str, int]]:
+        assert self._device is not None
+        try:
+            raw = self._device(vm)
+        except NkudoError as exc:  # a VMM that does not answer costs its device counters, not the scrape
+            self._log.warning("counters: hypervisor counters unavailable", vm_id=vm.vm_id, error=exc.code)
+            return {}
+        return {dev: {k: v for k, v in kv.items() if k in _DEVICE_COUNTERS and type(v) is int and v >= 0}
+                for dev, kv in raw.items() if isinstance(dev, str) and isinstance(kv, dict)}
 
     def _tap_stats(self) -> dict[str, dict[str, LinkCounters]]:
         try:
@@ -240,7 +264,7 @@ class VmCounterCollector:
     def heartbeat(self, vms: Iterable[VmRecord]) -> list[wm.VmCounters]:
         """The heartbeat's compact counters (never raises: a heartbeat is sent without them instead)."""
         try:
-            items = self.collect(vms)
+            items = self.collect(vms, device=False)
         except Exception as exc:  # counters are an extra; the heartbeat itself must go out
             self._log.warning("counters: collection failed", error=repr(exc))
             return []
@@ -258,6 +282,20 @@ _NET_FAMILIES: Sequence[tuple[str, str, str]] = (
     ("nkudo_vm_network_receive_errors_total", "Receive errors of the VM's TAP", "tx_errors"),
     ("nkudo_vm_network_transmit_errors_total", "Transmit errors of the VM's TAP", "rx_errors"),
 )
+
+
+#: Cloud Hypervisor's per-device counters that are monotonic (its latency min/max/avg are not: not exported).
+_DEVICE_COUNTERS: dict[str, str] = {
+    "read_bytes": "Bytes read by the VM's block device (hypervisor counter)",
+    "write_bytes": "Bytes written by the VM's block device (hypervisor counter)",
+    "read_ops": "Read operations of the VM's block device (hypervisor counter)",
+    "write_ops": "Write operations of the VM's block device (hypervisor counter)",
+    "rx_bytes": "Bytes received by the VM's network device (hypervisor counter)",
+    "rx_frames": "Frames received by the VM's network device (hypervisor counter)",
+    "tx_bytes": "Bytes sent by the VM's network device (hypervisor counter)",
+    "tx_frames": "Frames sent by the VM's network device (hypervisor counter)",
+}
+_BOOTED = frozenset({VmStatus.RUNNING, VmStatus.PAUSED})
 
 
 def metric_families(items: Sequence[VmCounters]) -> Iterator[Metric]:
@@ -285,3 +323,10 @@ def metric_families(items: Sequence[VmCounters]) -> Iterator[Metric]:
             wr.add_metric(lv, c.vmm.write_bytes)
             rss.add_metric(lv, c.vmm.rss_bytes)
     yield from (cpu, rd, wr, rss)
+    for key, doc in _DEVICE_COUNTERS.items():
+        fam = CounterMetricFamily(f"nkudo_vm_device_{key}_total", doc, labels=labels)
+        for c in items:
+            for dev, kv in sorted(c.device.items()):
+                if key in kv:
+                    fam.add_metric([c.vm_id, c.name, dev], kv[key])
+        yield fam

@@ -12,7 +12,7 @@ from nkudo.agent.hostcmd import normalise_allowlist, run_command
 from nkudo.agent.network import HostNetwork
 from nkudo.agent.provider import ProcessRecord, Provider
 from nkudo.agent.restore import RestoreService
-from nkudo.agent.state import StateStore
+from nkudo.agent.state import StateStore, VmRecord
 from nkudo.agent.vms import NetworkPort, VmConfig, VmService
 from nkudo.errors import ValidationError
 from nkudo.proc.errors import AdoptionRefused, ProcessError
@@ -109,6 +109,17 @@ class Agent:
         if close is not None:
             close()
         self.store.close()
+
+    def device_counters(self, vm: VmRecord) -> dict[str, dict[str, int]]:
+        """The hypervisor's own per-device counters of ``vm`` ({} where the provider has none, as QEMU here).
+
+        A capability, not part of the Provider port: the kernel counters (``agent.counters``) serve every
+        provider; these add what only the hypervisor sees (block operations, virtio frames).
+        """
+        read = getattr(self.provider, "device_counters", None)
+        if read is None:
+            return {}
+        return dict(read(self.vms.paths(vm.vm_id), timeout=0.5))
 
     def reconcile(self) -> dict[str, list[str]]:
         """Re-adopt live VMMs, mark dead ones crashed, sweep TAPs of VMs that no longer exist."""

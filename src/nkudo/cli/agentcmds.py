@@ -272,7 +272,8 @@ def _metrics(agent: Any, p: dict[str, Any]) -> Any:
     from nkudo.agent.counters import VmCounterCollector
     from nkudo.agent.metrics import AgentMetrics
 
-    counters = VmCounterCollector(agent.cfg.net_backend)  # issue 15: per-VM kernel counters, scrape and heartbeat
+    # Issue 15: per-VM kernel counters (scrape and heartbeat), plus the hypervisor's device counters where it has them.
+    counters = VmCounterCollector(agent.cfg.net_backend, device_counters=agent.device_counters)
     return AgentMetrics(agent.store, [p["state_dir"], p["runtime_dir"], p["snapshot_dir"]], __version__, counters)
 
 

@@ -154,6 +154,10 @@ class CloudHypervisorProvider(VmmProcessProvider):
     def boot(self, paths: VmPaths, *, timeout: float) -> None:
         self._client(paths).boot(timeout=timeout)
 
+    def device_counters(self, paths: VmPaths, *, timeout: float) -> dict[str, dict[str, int]]:
+        """Cloud Hypervisor's own per-device counters (``vm.counters``), keyed by device id."""
+        return self._client(paths).counters(timeout=timeout)
+
     def pause(self, paths: VmPaths, *, timeout: float) -> None:
         self._client(paths).pause(timeout=timeout)
 
