@@ -6,7 +6,9 @@ messages name the offending field or object so the operator knows what to fix.
 
 from __future__ import annotations
 
-from typing import ClassVar
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only (postponed): importing typing costs milliseconds at start-up
+    from typing import ClassVar
 
 
 class NkudoError(Exception):

@@ -22,8 +22,8 @@ handler with ``adopt`` so their records get the same treatment.
 
 from __future__ import annotations
 
+import _thread  # the lock only: ``threading`` costs milliseconds on every command's import path
 import sys
-import threading
 import time
 
 TYPE_CHECKING = False
@@ -84,7 +84,7 @@ class _Repeats:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         # key -> (window start, suppressed count, the first record of the window)
         self.seen: dict[tuple[Any, ...], tuple[float, int, Any]] = {}
 
