@@ -8,6 +8,7 @@ exists before acting, and records progress in the state store as it goes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -388,14 +389,27 @@ class VmService:
             write_atomic(intent_path, json.dumps(intent).encode())
         was_running = bool(intent["was_running"])
         if not os.path.isdir(dest):
+            vmm_done = os.path.join(staging, VMM_DONE_FILE)
+            reuse = False
             if self.provider.state(p, timeout=5.0) == VmStatus.RUNNING:
                 self.provider.pause(p, timeout=30.0)
                 ctx.log("paused for snapshot")
-            if os.path.isdir(staging):
-                shutil.rmtree(staging)  # an interrupted attempt of this very action
-            os.makedirs(staging, mode=0o700)
-            self.provider.snapshot(p, staging, timeout=max(ctx.remaining(), 1.0))
+            else:
+                # Still paused since an interrupted attempt whose VMM had finished writing: its files match
+                # the guest as it is now, so the hypervisor's snapshot is not taken a second time.
+                reuse = os.path.exists(vmm_done)
+            if not reuse:
+                if os.path.isdir(staging):
+                    shutil.rmtree(staging)  # an interrupted attempt of this very action
+                os.makedirs(staging, mode=0o700)
+                self.provider.snapshot(p, staging, timeout=max(ctx.remaining(), 1.0))
+                write_atomic(vmm_done, b"")
+            else:
+                ctx.log("the hypervisor's snapshot of an interrupted attempt is complete; not taken again")
+                with contextlib.suppress(FileNotFoundError):  # the interrupted disk copy starts over
+                    os.unlink(os.path.join(staging, ROOTFS_FILE + ".partial"))
             self._snapshot_restorable(ctx, rec, p, staging)
+            os.unlink(vmm_done)
             os.rename(staging, dest)
             fsync_dir(parent)
         if was_running and self.provider.state(p, timeout=5.0) == VmStatus.PAUSED:
@@ -421,6 +435,10 @@ class VmService:
             ctx.log("root disk copied into the snapshot", method=method)
         meta = SnapshotMeta(rec.vm_id, rec.name, self.provider.name, rec.spec, [n.mac for n in rec.nics])
         write_atomic(os.path.join(staging, META_FILE), encode_meta(meta))
+
+
+#: Written into the staging directory once the VMM's snapshot call succeeded (before the root disk is copied).
+VMM_DONE_FILE = ".vmm-done"
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
