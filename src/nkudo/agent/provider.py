@@ -109,6 +109,10 @@ class Provider(Protocol):
 
     def snapshot(self, paths: VmPaths, dest_dir: str, *, timeout: float) -> None: ...
 
+    def snapshot_complete(self, dest_dir: str) -> bool:
+        """Whether ``dest_dir`` holds a whole snapshot written by a call the agent did not see end (it was
+        killed while the VMM wrote): a re-drive then keeps it instead of taking it again."""
+
     def restore(
         self,
         spec: LaunchSpec,

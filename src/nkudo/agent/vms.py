@@ -396,8 +396,11 @@ class VmService:
                 ctx.log("paused for snapshot")
             else:
                 # Still paused since an interrupted attempt whose VMM had finished writing: its files match
-                # the guest as it is now, so the hypervisor's snapshot is not taken a second time.
-                reuse = os.path.exists(vmm_done)
+                # the guest as it is now, so the hypervisor's snapshot is not taken a second time. The VMM
+                # serves one request at a time, so the state() answer above came after any snapshot call
+                # the dead attempt left in flight; its files are then judged by their content (a kill before
+                # the done marker was written).
+                reuse = os.path.exists(vmm_done) or self.provider.snapshot_complete(staging)
             if not reuse:
                 if os.path.isdir(staging):
                     shutil.rmtree(staging)  # an interrupted attempt of this very action
@@ -409,7 +412,8 @@ class VmService:
                 with contextlib.suppress(FileNotFoundError):  # the interrupted disk copy starts over
                     os.unlink(os.path.join(staging, ROOTFS_FILE + ".partial"))
             self._snapshot_restorable(ctx, rec, p, staging)
-            os.unlink(vmm_done)
+            with contextlib.suppress(FileNotFoundError):  # absent when reused by content
+                os.unlink(vmm_done)
             os.rename(staging, dest)
             fsync_dir(parent)
         if was_running and self.provider.state(p, timeout=5.0) == VmStatus.PAUSED:

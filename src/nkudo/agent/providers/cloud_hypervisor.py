@@ -167,6 +167,21 @@ class CloudHypervisorProvider(VmmProcessProvider):
     def snapshot(self, paths: VmPaths, dest_dir: str, *, timeout: float) -> None:
         self._client(paths).snapshot(dest_dir, timeout=timeout)
 
+    def snapshot_complete(self, dest_dir: str) -> bool:
+        """CH's snapshot is config.json, state.json and memory-ranges; a write cut short leaves a document that
+        does not parse. The VMM serves one request at a time, so once it has answered another call, a
+        snapshot call left in flight by a killed agent has ended."""
+        if not os.path.exists(os.path.join(dest_dir, "memory-ranges")):
+            return False
+        for name in ("config.json", "state.json"):
+            try:
+                with open(os.path.join(dest_dir, name), "rb") as f:
+                    if not isinstance(json.loads(f.read()), dict):
+                        return False
+            except (OSError, ValueError):
+                return False
+        return True
+
     def stop_recorded(
         self, paths: VmPaths, process: ProcessRecord | None, *, graceful_timeout: float, force: bool
     ) -> str:

@@ -316,6 +316,11 @@ class QemuProvider(VmmProcessProvider):
     def resume(self, paths: VmPaths, *, timeout: float) -> None:
         self._run(paths, "cont", timeout)
 
+    def snapshot_complete(self, dest_dir: str) -> bool:
+        """Never: the agent itself drives QEMU's migration to completion (query-migrate), so a snapshot whose
+        agent died is unfinished by definition and is taken again."""
+        return False
+
     def snapshot(self, paths: VmPaths, dest_dir: str, *, timeout: float) -> None:
         """Write a consistent device + RAM state file (QEMU's migration stream) into ``dest_dir``.
 
