@@ -13,7 +13,7 @@ ARCH := $(shell uname -m)
 TARGET = --only-binary=:all: --platform manylinux_2_28_$(ARCH) --platform manylinux_2_17_$(ARCH) \
 	--python-version $(shell $(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: venv build test lint typecheck pytest bench demo clean wheel wheelhouse
+.PHONY: venv build test lint typecheck pytest bench demo dashboard clean wheel wheelhouse
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -76,6 +76,11 @@ $(WHEELHOUSE_STAMP): pyproject.toml setup.py MANIFEST.in
 
 demo: build
 	@bash scripts/demo.sh
+
+# The demo, left running afterwards (control plane, agent, a few VMs) so the dashboard shows a live site; it
+# prints the dashboard's URL and login and waits: Ctrl-C stops and removes everything.
+dashboard: build
+	@bash scripts/demo.sh --keep
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache $(DEMO_STATE) nkudo_native/*.c nkudo_native/*.so src/*.egg-info

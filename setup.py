@@ -52,7 +52,8 @@ def cffi_modules() -> list[str]:
 
 setup(
     packages=[*find_packages("src"), "nkudo_native"],
-    package_data={"nkudo_native": ["*.pyi", "py.typed"], "nkudo": ["py.typed"], "nkudo.chsim": ["data/*.yaml"], "nkudo.cp": ["openapi.yaml"]},
+    package_data={"nkudo_native": ["*.pyi", "py.typed"], "nkudo": ["py.typed"], "nkudo.chsim": ["data/*.yaml"], "nkudo.cp": ["openapi.yaml"],
+                  "nkudo.cp.web": ["templates/*.html", "templates/*/*.html", "static/*", "static/vendor/*"]},
     ext_modules=cython_extensions(),
     cffi_modules=cffi_modules(),
 )

@@ -7,9 +7,22 @@
 #     scripts/ci-qemu.sh install them): the BusyBox guest the tests boot (scripts/build-guest.py), its
 #     console shown through `nkudo-edge console` and GET /vms/{id}/console, snapshotted and restored;
 #   - else the simulator nkudo-ch-sim (no guest really runs).
-# Everything it starts (processes, namespace, bridge, TAPs, temp dirs) is removed on exit.
+# The dashboard (issue 13) is reachable from the host through a veth pair into the namespace: the demo prints
+# its URL and a login (an owner of the demo tenant, random password) that works while its control plane runs.
+# Everything it starts (processes, namespace, bridge, TAPs, veth, temp dirs) is removed on exit.
+#
+# `bash scripts/demo.sh --keep` (`make dashboard`): after the walkthrough, leave the control plane, the agent
+# and a few VMs running and wait; Ctrl-C (or SIGTERM) cleans up as above.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+KEEP=0
+for arg in "$@"; do
+    case "$arg" in
+        --keep) KEEP=1 ;;
+        -h|--help) echo "usage: $0 [--keep]  (--keep: leave the demo running with the dashboard until Ctrl-C)"; exit 0 ;;
+        *) echo "unknown argument: $arg (usage: $0 [--keep])" >&2; exit 2 ;;
+    esac
+done
 BIN="$PWD/.venv/bin"
 NS="nkudo-demo-$$"
 WORK="$(mktemp -d /tmp/nkd.XXXXXX)"
@@ -17,6 +30,8 @@ CP_PORT=18443
 METRICS_PORT=19090
 AGENT_PID=""
 CP_PID=""
+VETH_HOST="nkdh$$"  # interface names: at most 15 characters
+VETH_NS="nkdn$$"
 
 cleanup() {
     set +e
@@ -24,10 +39,14 @@ cleanup() {
     [ -n "$CP_PID" ] && kill -TERM "$CP_PID" 2>/dev/null && wait "$CP_PID" 2>/dev/null
     pkill -TERM -f -- "$WORK/" 2>/dev/null; sleep 0.5
     pkill -KILL -f -- "$WORK/" 2>/dev/null
+    ip link del "$VETH_HOST" 2>/dev/null
     ip netns del "$NS" 2>/dev/null
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+# Ctrl-C and SIGTERM end the demo through the EXIT trap (the background processes ignore SIGINT: no job control).
+WAITING=0  # 1 while --keep waits: Ctrl-C is then the normal end (exit 0), before it an interruption (130)
+trap 'echo; echo "stopping the demo"; exit $((WAITING ? 0 : 130))' INT TERM
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 in_ns() { ip netns exec "$NS" "$@"; }
@@ -44,6 +63,22 @@ ip netns add "$NS"
 ip -n "$NS" link set lo up
 ip -n "$NS" link add br0 type bridge
 ip -n "$NS" link set br0 up
+
+# The dashboard from the host: a veth pair, host side .1/30, namespace side .2/30, in 10.213.0.0/24 (the first
+# /30 no other interface of the host uses, so two demos can run side by side).
+for k in $(seq 0 63); do
+    HOST_IP="10.213.0.$((4 * k + 1))"
+    NS_IP="10.213.0.$((4 * k + 2))"
+    ip -4 -o addr show | grep -qE "inet ($HOST_IP|$NS_IP)/" || break
+done
+ip link add "$VETH_HOST" type veth peer name "$VETH_NS" netns "$NS"
+ip addr add "$HOST_IP/30" dev "$VETH_HOST"
+ip link set "$VETH_HOST" up
+ip -n "$NS" addr add "$NS_IP/30" dev "$VETH_NS"
+ip -n "$NS" link set "$VETH_NS" up
+DASH_URL="https://$NS_IP:$CP_PORT/ui/"
+DASH_EMAIL="owner@demo.example.com"
+DASH_PASSWORD=""
 
 CH=cloud-hypervisor
 MODE=cloud-hypervisor
@@ -75,9 +110,11 @@ edge check --bridge br0 --cloud-hypervisor-bin "$CH" --runtime-dir "$WORK/agent/
 echo "(check exit code: $?)"
 set -e
 
-say "control plane: serve on https://127.0.0.1:$CP_PORT (SQLite in $WORK/cp)"
+say "control plane: serve on https://127.0.0.1:$CP_PORT and $DASH_URL (SQLite in $WORK/cp)"
 # Started directly (not through a shell function) so that $! is the server itself: ip netns exec execs it.
-ip netns exec "$NS" "$BIN/nkudo-control-plane" --log-level warn serve --data-dir "$WORK/cp" --listen "127.0.0.1:$CP_PORT" \
+# It listens on every address of the namespace: its loopback (the agent, the CLI) and the veth (the browser).
+ip netns exec "$NS" "$BIN/nkudo-control-plane" --log-level warn serve --data-dir "$WORK/cp" --listen "0.0.0.0:$CP_PORT" \
+    --server-name 127.0.0.1 --server-name localhost --server-name "$NS_IP" \
     --heartbeat-interval 2 > "$WORK/cp.log" 2>&1 &
 CP_PID=$!
 export NKUDO_CP_SERVER="https://127.0.0.1:$CP_PORT" NKUDO_CP_CA_FILE="$WORK/cp/ca.crt" NKUDO_CP_ADMIN_KEY_FILE="$WORK/cp/admin.key"
@@ -90,6 +127,26 @@ SITE=$(cp_cli site create --tenant "$TENANT" --name edge-lab --json | json_get "
 TOKEN=$(cp_cli token create --tenant "$TENANT" --site "$SITE" --json | json_get "['token']")
 echo "tenant $TENANT, site $SITE, one-time enrollment token issued"
 
+# The dashboard's login: an owner of the demo tenant, made with the admin CLI on the demo's database (the
+# password read from stdin, random, printed only to this terminal; it dies with the demo's data dir).
+DASH_PASSWORD=$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(15))')
+printf '%s\n' "$DASH_PASSWORD" | "$BIN/nkudo-control-plane" user create --data-dir "$WORK/cp" --email "$DASH_EMAIL" \
+    --tenant-id "$TENANT" --role owner --password-stdin >/dev/null
+# The URL and login, in lines a script can read (tests/e2e/test_demo.py does).
+dashboard() {
+    say "the dashboard ($1)"
+    echo "dashboard URL: $DASH_URL"
+    if [ "${2:-}" = short ]; then
+        echo "login: email $DASH_EMAIL (password printed above)"
+        return
+    fi
+    echo "login: email $DASH_EMAIL password $DASH_PASSWORD"
+    echo "(owner of the tenant \"Demo Corp\"; the certificate is signed by the demo's own CA, $WORK/cp/ca.crt:"
+    echo " import it or accept the browser's warning)"
+    echo "from another machine: ssh -L $CP_PORT:$NS_IP:$CP_PORT root@$(timeout 2 hostname -f 2>/dev/null || hostname)," \
+         "then open https://localhost:$CP_PORT/ui/"
+}
+
 say "nkudo-edge enroll"
 edge enroll --control-plane "$NKUDO_CP_SERVER" --token "$TOKEN" --ca-file "$WORK/cp/ca.crt" --pki-dir "$WORK/agent/pki"
 
@@ -101,6 +158,7 @@ ip netns exec "$NS" "$BIN/nkudo-edge" --state-dir "$WORK/agent/state" --log-leve
     --snapshot-dir "$WORK/agent/snapshots" --image-root "$WORK/images" --cloud-hypervisor-bin "$CH" "${PROVIDER_ARGS[@]}" \
     --exec-allow /usr/bin/uptime --metrics-addr "127.0.0.1:$METRICS_PORT" --heartbeat-interval 1 > "$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
+dashboard "open it now to watch the walkthrough's plans live; it works while this demo's control plane runs"
 
 # Runs a plan given as a JSON file through the control plane and waits for it to end; prints it.
 run_plan() {
@@ -215,5 +273,38 @@ say "a few metric lines (curl http://127.0.0.1:$METRICS_PORT/metrics)"
 in_ns curl -s "http://127.0.0.1:$METRICS_PORT/metrics" \
     | grep -E '^nkudo_(actions_executed_total|heartbeats_sent_total|vms_total\{state="running"\}|build_info)' | head -12
 
-say "done ($MODE): agent and control plane stopped; namespace, bridge, TAPs, VMMs and temp files removed on exit"
-[ "$state" = "SUCCEEDED" ]
+if [ "$state" != "SUCCEEDED" ]; then
+    echo "the walkthrough's last plan ended $state: see $WORK/cp.log and $WORK/agent.log (removed on exit)"
+    exit 1
+fi
+
+if [ "$KEEP" = 1 ]; then
+    say "--keep: three VMs that stay (keep-1 and keep-2 running, keep-3 stopped) for the dashboard to show"
+    if [ "$MODE" = qemu ]; then
+        VM_PARAMS="\"vcpus\": 1, \"memory_mib\": 128, $GUEST"
+    else
+        VM_PARAMS="\"vcpus\": 1, \"memory_mib\": 256, \"kernel_path\": \"$WORK/images/vmlinux\",
+            \"cmdline\": \"console=ttyS0 root=/dev/vda rw\", \"image_path\": \"$WORK/images/rootfs.img\""
+    fi
+    cat > "$WORK/keep.json" <<JSON
+{"idempotency_key": "demo-keep", "actions": [
+  {"action_id": "keep-1-create", "type": "MicroVMCreate", "timeout_seconds": 120, "params": {
+    "vm_id": "keep-1", "name": "web", $VM_PARAMS, "nics": [{"bridge": "br0"}]}},
+  {"action_id": "keep-2-create", "type": "MicroVMCreate", "timeout_seconds": 120, "params": {
+    "vm_id": "keep-2", "name": "db", $VM_PARAMS, "nics": [{"bridge": "br0"}]}},
+  {"action_id": "keep-3-create", "type": "MicroVMCreate", "timeout_seconds": 120, "params": {
+    "vm_id": "keep-3", "name": "batch", $VM_PARAMS, "nics": [{"bridge": "br0"}]}},
+  {"action_id": "keep-3-stop", "type": "MicroVMStop", "params": {"vm_id": "keep-3"}}]}
+JSON
+    run_plan "$WORK/keep.json"
+    dashboard "the demo keeps running: press Ctrl-C to stop it and remove everything"
+    # Until Ctrl-C (the INT trap exits, the EXIT trap cleans up) or until the control plane or the agent ends.
+    WAITING=1
+    wait -n "$CP_PID" "$AGENT_PID" || true
+    echo "the control plane or the agent exited (see $WORK/cp.log, $WORK/agent.log); stopping the demo"
+    tail -5 "$WORK/cp.log" "$WORK/agent.log" || true
+    exit 1
+fi
+
+dashboard "it stops working now, when the demo exits; \`make dashboard\` (demo --keep) keeps it running" short
+say "done ($MODE): agent and control plane stopped; namespace, bridge, TAPs, veth, VMMs and temp files removed on exit"

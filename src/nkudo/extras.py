@@ -25,7 +25,7 @@ class Extra(StrEnum):
 #: Top-level modules each extra provides (the distributions are in ``pyproject.toml``;
 #: tests/test_distribution.py checks that the two lists name the same packages).
 MODULES: Final[dict[Extra, tuple[str, ...]]] = {
-    Extra.CONTROL_PLANE: ("aiohttp", "sqlalchemy", "alembic", "psycopg", "yaml"),
+    Extra.CONTROL_PLANE: ("aiohttp", "sqlalchemy", "alembic", "psycopg", "yaml", "jinja2", "aiohttp_jinja2", "argon2"),
     Extra.SIMULATOR: ("jsonschema", "yaml"),
 }
 

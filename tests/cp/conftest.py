@@ -15,10 +15,11 @@ from .pg import Cluster, free_port, start_cluster
 # Short timings so lease expiry, renewal grace and the offline sweeper are observable in seconds.
 FAST = ["--lease-ttl", "2", "--offline-after", "2", "--sweep-interval", "0.5", "--renew-grace", "1",
         "--heartbeat-interval", "5", "--crl-validity", "4",
-        # The suite enrolls hundreds of agents and guesses tokens and keys from 127.0.0.1 on one server: the
-        # enrollment limit and the lock-out are set out of its way here, and tested with explicit small
-        # values in test_ratelimit.py (issue 12).
-        "--rate-limit-enroll", "6000/min:1000", "--lockout-threshold", "1000"]
+        # The suite enrolls hundreds of agents, creates hundreds of tenants with the one admin key, and guesses
+        # tokens and keys from 127.0.0.1 on one server: the enrollment and management limits and the lock-out
+        # are set out of its way here, and tested with explicit small values in test_ratelimit.py (issue 12).
+        "--rate-limit-enroll", "6000/min:1000", "--rate-limit-management", "6000/min:1000",
+        "--lockout-threshold", "1000"]
 #: Bearer token for /metrics, passed through the environment (the way a deployment would pass a secret).
 METRICS_TOKEN = "metrics-" + "0123456789abcdef"
 

@@ -234,23 +234,24 @@ KEY_ORDER: dict[str, list[str]] = {
     "TokenView": ["id", "site_id", "site_name", "created_at", "expires_at", "consumed", "consumed_at",
                   "consumed_by_agent_id"],
     "AuditEventView": ["id", "tenant_id", "actor_type", "actor_id", "action", "object_type", "object_id",
-                       "request_id", "source_ip", "details", "occurred_at"], "AuditEvents": ["events"],
+                       "request_id", "source_ip", "details", "occurred_at"], "AuditEvents": ["events", "next"],
     "ExecutionView": ["id", "plan_id", "tenant_id", "site_id", "position", "action_id", "type", "params",
                       "timeout_seconds", "vm_id", "state", "agent_id", "attempts", "error_code", "error_message",
-                      "created_at", "updated_at", "started_at", "finished_at"], "ExecutionList": ["executions"],
+                      "created_at", "updated_at", "started_at", "finished_at"], "ExecutionList": ["executions", "next"],
     "PlanView": ["plan_id", "tenant_id", "site_id", "idempotency_key", "plan_status", "deduplicated", "created_at",
                  "updated_at", "completed_at", "leased_by_agent_id", "lease_expires_at", "executions"],
-    "ExecutionLogs": ["execution_id", "logs", "next_after_seq"],
+    "ExecutionLogs": ["execution_id", "logs", "next_after_seq", "next"],
     "LogEntryView": ["seq", "level", "message", "emitted_at", "ingested_at"],
     "HostView": ["id", "tenant_id", "site_id", "hostname", "facts", "fingerprint", "agent_id", "agent_state",
-                 "agent_last_heartbeat_at", "last_facts_at", "created_at"], "HostList": ["hosts"],
+                 "agent_last_heartbeat_at", "last_facts_at", "created_at"], "HostList": ["hosts", "next"],
     "VmView": ["vm_id", "tenant_id", "site_id", "host_id", "name", "state", "vcpus", "memory_mib", "updated_at",
-               "last_transition_at"], "VmList": ["vms"],
+               "last_transition_at"], "VmList": ["vms", "next"],
     "AgentStatusView": ["id", "site_id", "host_id", "hostname", "state", "agent_version", "enrolled_at",
-                        "last_heartbeat_at", "cert_expires_at"], "AgentList": ["agents"],
+                        "last_heartbeat_at", "cert_expires_at"], "AgentList": ["agents", "next"],
 }
 #: Keys absent (not null) when empty.
-OMITTED_WHEN_EMPTY = {("SiteView", "external_key"), ("Readiness", "checks")}
+OMITTED_WHEN_EMPTY = {("SiteView", "external_key"), ("Readiness", "checks")} | {
+    (n, "next") for n in ("AuditEvents", "ExecutionList", "ExecutionLogs", "HostList", "VmList", "AgentList")}  # issue 13
 #: Body -> (its list field, the view of the items).
 ITEMS = {"TenantList": ("tenants", "TenantView"), "ApiKeyList": ("api_keys", "ApiKeyView"),
          "SiteList": ("sites", "SiteView"), "TokenList": ("tokens", "TokenView"),

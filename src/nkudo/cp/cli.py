@@ -17,6 +17,8 @@ from typing import Any
 import click
 
 from nkudo import log as nlog
+from nkudo.cp import cli_lists
+from nkudo.cp.cli_users import user as user_group
 from nkudo.errors import NkudoError
 
 F = Callable[..., Any]
@@ -60,8 +62,8 @@ def _rate_limit_options(f: F) -> F:
                      show_envvar=True, show_default=True, help="seconds in which the failures are counted")(f)
     f = click.option("--lockout-threshold", type=int, default=5, envvar=_env("LOCKOUT_THRESHOLD"),
                      show_envvar=True, show_default=True,
-                     help="failed authentications (admin key, API key, enrollment token) from one source that "
-                          "lock it out of that credential type; 0 disables")(f)
+                     help="failed authentications (admin key, API key, enrollment token, password) from one "
+                          "source that lock it out of that credential type; 0 disables")(f)
     f = click.option("--trusted-proxy", "trusted_proxy", multiple=True, envvar=_env("TRUSTED_PROXY"),
                      show_envvar=True, help="CIDR of a proxy whose X-Forwarded-For / X-Real-IP is believed "
                                             "(repeatable; otherwise those headers are ignored)")(f)
@@ -118,6 +120,13 @@ def _rate_limit_options(f: F) -> F:
 @click.option("--audit-verify-interval", type=float, default=3600.0, envvar=_env("AUDIT_VERIFY_INTERVAL"),
               show_envvar=True, show_default=True,
               help="seconds between background verifications of every audit chain (0 disables)")
+@click.option("--session-idle-timeout", type=float, default=8 * 3600.0, envvar=_env("SESSION_IDLE_TIMEOUT"),
+              show_envvar=True, show_default=True, help="seconds without a request that end a dashboard session")
+@click.option("--session-absolute-timeout", type=float, default=7 * 86400.0,
+              envvar=_env("SESSION_ABSOLUTE_TIMEOUT"), show_envvar=True, show_default=True,
+              help="seconds after login that end a dashboard session however active it is")
+@click.option("--ui/--no-ui", "ui_enabled", default=True, envvar=_env("UI"), show_envvar=True, show_default=True,
+              help="serve the web dashboard under /ui/ on the same TLS listener")
 @_rate_limit_options
 def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str | None,
           server_names: Sequence[str], ca_cert_file: Path | None, ca_key_file: Path | None,
@@ -125,7 +134,9 @@ def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str 
           heartbeat_interval: int, offline_after: float, sweep_interval: float, max_plans_per_lease: int,
           renew_grace: float, max_body_bytes: int, db_pool_size: int, crl_validity: float, metrics_token: str | None,
           health_listen: str | None, crl_url: str | None, audit_key_file: Path | None,
-          audit_checkpoint_interval: float, audit_verify_interval: float, **limits: Any) -> None:
+          audit_checkpoint_interval: float, audit_verify_interval: float, ui_enabled: bool,
+          session_idle_timeout: float, session_absolute_timeout: float,
+          **limits: Any) -> None:
     """Run the HTTPS API server (TLS >= 1.2, agent routes need a client certificate from our CA)."""
     import asyncio
     import os
@@ -150,7 +161,8 @@ def serve(data_dir: Path, database_url: str | None, listen: str, admin_key: str 
         health_listen=parse_listen(health_listen, "health_listen") if health_listen else None,
         crl_url=crl_url or None, audit_key_file=audit_key_file,
         audit_checkpoint_interval=audit_checkpoint_interval, audit_verify_interval=audit_verify_interval,
-        **rate_limit_settings(limits),
+        ui_enabled=ui_enabled, session_idle_timeout=session_idle_timeout,
+        session_absolute_timeout=session_absolute_timeout, **rate_limit_settings(limits),
     )
     try:  # uvloop makes the TLS event loop noticeably cheaper per request; plain asyncio works too
         import uvloop
@@ -427,14 +439,6 @@ def agent() -> None:
     """Agents."""
 
 
-@agent.command("list")
-@click.option("--site", "site_id", required=True)
-@_client_options
-def agent_list(site_id: str, as_json: bool, **kw: Any) -> None:
-    out = _client(kw).call("GET", f"/sites/{site_id}/agents")
-    _print(out, as_json, "agents", ("id", "hostname", "state", "agent_version", "last_heartbeat_at"))
-
-
 @cli.group()
 def audit() -> None:
     """The tamper-evident audit log (reads the database itself, so it works on a copy too)."""
@@ -523,6 +527,13 @@ def audit_checkpoint(data_dir: Path, database_url: str | None, audit_key_file: P
     for cp in out.checkpoints:
         click.echo(f"chain {cp.chain}: signed seq {cp.seq} {cp.entry_hash}")
     click.echo(f"{len(out.checkpoints)} checkpoints signed")
+
+
+# ``vm``/``host``/``agent``/``plan``/``execution``/``audit`` ``list`` with paging (issue 13).
+cli_lists.register(cli, _client_options, _client, _print)
+
+
+cli.add_command(user_group)  # issue 13: nkudo.cp.cli_users
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ log = get_logger("cp.config")
 ADMIN_KEY_FILE = "admin.key"
 #: An admin key is the root credential; anything shorter than this is refused at start-up.
 MIN_ADMIN_KEY_CHARS = 32
+#: The longest an invitation may stay valid (issue 13): a forgotten invitation link must not work forever.
+MAX_INVITATION_TTL = 30 * 24 * 3600.0
 
 
 @dataclass(slots=True)
@@ -71,6 +73,13 @@ class Settings:
     audit_key_file: Path | None = None
     audit_checkpoint_interval: float = 60.0
     audit_verify_interval: float = 3600.0
+    # issue 13: dashboard sessions end after this long without a request (idle) or since login (absolute);
+    # invitations are valid this long unless the inviter asks for less (at most MAX_INVITATION_TTL).
+    session_idle_timeout: float = 8 * 3600.0
+    session_absolute_timeout: float = 7 * 24 * 3600.0
+    invitation_ttl: float = 7 * 24 * 3600.0
+    #: issue 13: serve the web dashboard under /ui/ on the API's TLS listener (``--ui/--no-ui``).
+    ui_enabled: bool = True
 
     def check(self) -> None:
         """Refuse nonsensical combinations before anything starts."""
@@ -103,6 +112,12 @@ class Settings:
             raise ValidationError("--crl-url must be an http:// or https:// URL of at most 2048 printable "
                                   "characters", field="crl_url")
         self.lockout.check()
+        if not 0 < self.session_idle_timeout <= self.session_absolute_timeout:
+            raise ValidationError("session_idle_timeout must be positive and at most session_absolute_timeout",
+                                  field="session_idle_timeout")
+        if not 0 < self.invitation_ttl <= MAX_INVITATION_TTL:
+            raise ValidationError(f"invitation_ttl must be between 1 and {int(MAX_INVITATION_TTL)} seconds (30 days)",
+                                  field="invitation_ttl")
         for name in ("audit_checkpoint_interval", "audit_verify_interval"):
             if getattr(self, name) < 0:
                 raise ValidationError(f"{name} must not be negative (0 disables it)", field=name)

@@ -8,6 +8,7 @@ testable in microseconds and identical for SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import datetime as _dt
 import enum
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Connectivity(enum.StrEnum):
 class PrincipalKind(enum.StrEnum):
     ADMIN = "admin"
     API_KEY = "api_key"
+    USER = "user"  # issue 13: a dashboard user acting in one tenant with its membership's role
 
 
 class ActorType(enum.StrEnum):
@@ -53,6 +55,45 @@ class ActorType(enum.StrEnum):
     API_KEY = "API_KEY"
     AGENT = "AGENT"
     SYSTEM = "SYSTEM"
+    USER = "USER"
+
+
+class Role(enum.StrEnum):
+    """A user's role in one tenant (issue 13): what its membership lets it do there."""
+
+    OWNER = "owner"
+    OPERATOR = "operator"
+    VIEWER = "viewer"
+
+
+class Permission(enum.StrEnum):
+    """What a write (or read) needs: checked once per use case by ``usecases.common.require``."""
+
+    READ = "read"
+    OPERATE = "operate"  # submit and cancel plans, VM actions
+    ENROLL = "enroll"  # issue enrollment tokens
+    MANAGE = "manage"  # sites, API keys, users, invitations, other users' sessions
+
+
+_ROLE_PERMISSIONS: Final[Mapping[Role, frozenset[Permission]]] = MappingProxyType({
+    Role.OWNER: frozenset(Permission),
+    Role.OPERATOR: frozenset({Permission.READ, Permission.OPERATE, Permission.ENROLL}),
+    Role.VIEWER: frozenset({Permission.READ}),
+})
+
+
+def role_allows(role: Role, perm: Permission) -> bool:
+    """Whether ``role`` grants ``perm``: owners everything, operators run work and enroll, viewers read."""
+    return perm in _ROLE_PERMISSIONS[role]
+
+
+def keeps_an_owner(owners: int, old: Role | None, new: Role | None) -> bool:
+    """Whether changing one membership from ``old`` to ``new`` (``None``: none) leaves a tenant that has
+    ``owners`` owners with at least one: an owner-less tenant could no longer manage its members or keys
+    (a tenant that never had an owner, managed by the admin, may stay so)."""
+    if owners == 0 or old != Role.OWNER or new == Role.OWNER:
+        return True
+    return owners > 1
 
 
 class ResultDecision(enum.StrEnum):
@@ -339,3 +380,111 @@ def bearer_token(authorization: str | None) -> str | None:
 def tenant_visible(principal_tenant: str | None, object_tenant: str) -> bool:
     """Admin (``None``) sees every tenant; a tenant key sees only its own objects."""
     return principal_tenant is None or principal_tenant == object_tenant
+
+
+# --- issue 13: read models (site health, host facts summary, VM state history) ---------------------------
+
+
+class SiteHealth(enum.StrEnum):
+    """A site's health for the dashboard: more than connectivity, so a half-broken site is not "ONLINE"."""
+
+    ONLINE = "ONLINE"
+    DEGRADED = "DEGRADED"
+    OFFLINE = "OFFLINE"
+    EMPTY = "EMPTY"  # no agent enrolled yet: nothing can be offline
+
+
+class VmStateSource(enum.StrEnum):
+    """What recorded a VM state change: an agent's heartbeat or an action's result."""
+
+    HEARTBEAT = "heartbeat"
+    EXECUTION = "execution"
+
+
+#: VM states that make a site DEGRADED: the VMM died unasked, or a process is not provably the VM's.
+_UNHEALTHY_VM: Final = (VmStatus.CRASHED, VmStatus.UNKNOWN)
+
+
+def site_health(agents_online: int, agents_total: int, vm_states: Mapping[str, int]
+                ) -> tuple[SiteHealth, list[str]]:
+    """A site's health and the plain-text reasons for it (the templates escape them).
+
+    ``agents_total`` counts enrolled agents (online or offline, not unenrolled); ``vm_states`` is VMs per
+    state. No agent -> EMPTY; none online -> OFFLINE; some offline or any VM CRASHED/UNKNOWN -> DEGRADED,
+    with one reason per cause; otherwise ONLINE. Why reasons: "DEGRADED" alone sends the operator hunting.
+    """
+    if agents_total <= 0:
+        return SiteHealth.EMPTY, []
+    if agents_online <= 0:
+        return SiteHealth.OFFLINE, [f"all {agents_total} agent{'s' if agents_total != 1 else ''} offline"]
+    reasons: list[str] = []
+    if agents_online < agents_total:
+        reasons.append(f"{agents_total - agents_online} of {agents_total} agents offline")
+    for state in _UNHEALTHY_VM:
+        n = vm_states.get(state.value, 0)
+        if n > 0:
+            reasons.append(f"{n} VM{'s' if n != 1 else ''} {state.value}")
+    return (SiteHealth.DEGRADED if reasons else SiteHealth.ONLINE), reasons
+
+
+@dataclass(frozen=True, slots=True)
+class FactsSummary:
+    """The few host facts an operator scans for: CPU, memory, disk, and whether VMs can run at all."""
+
+    cpu_cores: int
+    memory_total_bytes: int
+    disk_total_bytes: int
+    disk_free_bytes: int
+    kvm_available: bool
+    cloud_hypervisor_available: bool
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def facts_summary(facts: Mapping[str, object] | None) -> FactsSummary | None:
+    """Summarise the stored host facts (``wire.messages.HostFacts`` as JSON); ``None`` before the first report.
+
+    Disk is the sum over the reported mounts (``storage_total_bytes`` when no mount is listed). Tolerant of
+    missing or odd values (rows written by older agents): a fact that is not a count reads as 0.
+    """
+    if facts is None:
+        return None
+    disks = facts.get("disks")
+    mounts = [d for d in disks if isinstance(d, Mapping)] if isinstance(disks, list) else []
+    total = sum(_count(d.get("total_bytes")) for d in mounts) if mounts else _count(facts.get("storage_total_bytes"))
+    return FactsSummary(
+        cpu_cores=_count(facts.get("cpu_cores")), memory_total_bytes=_count(facts.get("memory_total_bytes")),
+        disk_total_bytes=total, disk_free_bytes=sum(_count(d.get("free_bytes")) for d in mounts),
+        kvm_available=facts.get("kvm_available") is True,
+        cloud_hypervisor_available=facts.get("cloud_hypervisor_available") is True,
+    )
+
+
+def vm_state_changes(stored: Mapping[str, str], reported: Iterable[tuple[str, str]]) -> list[tuple[str, str, str | None]]:
+    """``(vm_id, new_state, previous_state)`` for each reported VM whose state differs from the stored one.
+
+    A VM not stored yet is a change from ``None`` (its first appearance is history too); a VM reported twice
+    counts once, as its last report.
+    """
+    last = dict(reported)
+    return [(vm, state, stored.get(vm)) for vm, state in last.items() if stored.get(vm) != state]
+
+
+#: The overview's certificate horizon (issue 13: "certificates expiring within 7 days").
+CERT_WARNING_HORIZON: Final = _dt.timedelta(days=7)
+#: Agents renew at two thirds of a certificate's lifetime (agent/identity.py), so a third is left when all is
+#: well; below this fraction the renewal is overdue.
+CERT_OVERDUE_FRACTION: Final = 0.3
+
+
+def cert_warning_window(lifetime: _dt.timedelta) -> _dt.timedelta:
+    """How close to expiry an agent certificate must be to be listed as expiring.
+
+    Why not simply 7 days: agent certificates live 24 h by default and are renewed at two thirds of that, so
+    every healthy agent is always within 7 days of expiry and a plain 7-day list names them all. The window is
+    7 days, or for shorter-lived certificates the part of the lifetime an agent only reaches when its renewal
+    is overdue (30 %: a 24 h certificate is listed with under 7.2 h left, 2.4 h after it should have renewed).
+    """
+    return min(CERT_WARNING_HORIZON, lifetime * CERT_OVERDUE_FRACTION)

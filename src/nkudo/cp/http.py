@@ -21,17 +21,21 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nkudo.cp import models, views
-from nkudo.cp.domain import ExecState
+from nkudo.cp.domain import AgentState, ExecState, PlanStatus
 from nkudo.cp.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unauthenticated, status_of
 from nkudo.cp.http_limits import LIMITER_KEY, agent_identity, client_address_of, rate_limit_middleware
+from nkudo.cp.paging import DEFAULT_LIMIT, MAX_LIMIT
 from nkudo.cp.pki import parse_csr
 from nkudo.cp.ratelimit import retry_after_header
 from nkudo.cp.ratestore import RateLimiter
 from nkudo.cp.records import Principal, RequestInfo, stamp
 from nkudo.cp.service import ControlPlane
 from nkudo.cp.usecases.audit import parse_filter
+from nkudo.cp.web.app import build_ui
+from nkudo.cp.web.security import is_ui_request, nkudo_error_page
 from nkudo.errors import NkudoError
 from nkudo.log import get_logger
+from nkudo.vmstate import VmStatus
 from nkudo.wire import codec
 from nkudo.wire import messages as wm
 from nkudo.wire.actions import IDENT_PATTERN
@@ -80,6 +84,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = status_of(exc)
         if status >= 500:
             log.error("request failed", route=route, code=exc.code, error=exc.message)
+        if is_ui_request(request):  # e.g. the rate limiter's 429 on a dashboard page: a page, not JSON
+            return nkudo_error_page(request, exc)
         if isinstance(exc, TooManyRequests):
             return error_response(status, exc.code, exc.message, exc.field, route_class=exc.route_class,
                                   headers={"Retry-After": retry_after_header(exc.retry_after)})
@@ -177,6 +183,19 @@ def query_enum(request: web.Request, name: str, type_: type[E]) -> E | None:
         return type_(raw)
     except ValueError:
         raise BadRequest(f"{name} must be one of {', '.join(sorted(m.value for m in type_))}", field=name)
+
+
+def query_ident(request: web.Request, name: str) -> str | None:
+    """An optional VM or action identifier in the query string (the wire's pattern; a 400 naming it otherwise)."""
+    raw = request.query.get(name)
+    if raw is not None and not _IDENT.match(raw):
+        raise BadRequest(f"{name} must be 1-64 letters, digits, '.', '_' or '-'", field=name)
+    return raw
+
+
+def page_args(request: web.Request, default: int = DEFAULT_LIMIT) -> tuple[int, str | None]:
+    """``limit`` (1..``paging.MAX_LIMIT``) and the opaque ``cursor`` of a list route (issue 13)."""
+    return query_int(request, "limit", default, 1, MAX_LIMIT), request.query.get("cursor")
 
 
 # --- public -----------------------------------------------------------------
@@ -343,14 +362,22 @@ async def cancel_plan(request: web.Request) -> web.Response:
                                                                request_info(request)))
 
 
+async def list_plans(request: web.Request) -> web.Response:
+    p, (limit, cursor) = await principal(request), page_args(request)
+    sid, status = path_id(request, "site_id"), query_enum(request, "status", PlanStatus)
+    return json_response(await request.app[CP_KEY].plans.list_plans(p, sid, limit=limit, cursor=cursor, status=status))
+
+
 async def list_hosts(request: web.Request) -> web.Response:
-    p = await principal(request)
-    return json_response(await request.app[CP_KEY].inventory.list_hosts(p, path_id(request, "site_id")))
+    p, (limit, cursor) = await principal(request), page_args(request)
+    sid = path_id(request, "site_id")
+    return json_response(await request.app[CP_KEY].inventory.list_hosts(p, sid, limit=limit, cursor=cursor))
 
 
 async def list_vms(request: web.Request) -> web.Response:
-    p = await principal(request)
-    return json_response(await request.app[CP_KEY].inventory.list_vms(p, path_id(request, "site_id")))
+    p, (limit, cursor) = await principal(request), page_args(request)
+    sid, state = path_id(request, "site_id"), query_enum(request, "state", VmStatus)
+    return json_response(await request.app[CP_KEY].inventory.list_vms(p, sid, limit=limit, cursor=cursor, state=state))
 
 
 async def vm_console(request: web.Request) -> web.Response:
@@ -360,17 +387,35 @@ async def vm_console(request: web.Request) -> web.Response:
     return json_response(await request.app[CP_KEY].consoles.get(p, vm_id, site_id, lines))
 
 
-async def list_agents(request: web.Request) -> web.Response:
+async def tenant_overview(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].inventory.list_agents(p, path_id(request, "site_id")))
+    return json_response(await request.app[CP_KEY].overview.tenant_overview(p, path_id(request, "tenant_id")))
+
+
+async def site_status(request: web.Request) -> web.Response:
+    p = await principal(request)
+    return json_response(await request.app[CP_KEY].overview.site_status(p, path_id(request, "site_id")))
+
+
+async def vm_detail(request: web.Request) -> web.Response:
+    p = await principal(request)
+    site_id, vm_id = path_id(request, "site_id"), vm_path_id(request)
+    return json_response(await request.app[CP_KEY].overview.vm_detail(p, site_id, vm_id))
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    p, (limit, cursor) = await principal(request), page_args(request)
+    sid, state = path_id(request, "site_id"), query_enum(request, "state", AgentState)
+    return json_response(await request.app[CP_KEY].inventory.list_agents(p, sid, limit=limit, cursor=cursor,
+                                                                         state=state))
 
 
 async def list_executions(request: web.Request) -> web.Response:
-    p = await principal(request)
-    sid = path_id(request, "site_id")
-    state = query_enum(request, "state", ExecState)
-    limit = query_int(request, "limit", 100, 1, 1000)
-    return json_response(await request.app[CP_KEY].executions.list_executions(p, sid, state, limit))
+    p, (limit, cursor) = await principal(request), page_args(request)
+    sid, state = path_id(request, "site_id"), query_enum(request, "state", ExecState)
+    plan_id, vm_id = query_uuid(request, "plan_id"), query_ident(request, "vm_id")
+    return json_response(await request.app[CP_KEY].executions.list_executions(
+        p, sid, state, limit, cursor=cursor, plan_id=plan_id, vm_id=vm_id))
 
 
 async def get_execution(request: web.Request) -> web.Response:
@@ -382,8 +427,8 @@ async def execution_logs(request: web.Request) -> web.Response:
     p = await principal(request)
     eid = path_id(request, "execution_id")
     after = query_int(request, "after_seq", -1, -1, 2**62)
-    limit = query_int(request, "limit", 500, 1, 1000)
-    return json_response(await request.app[CP_KEY].executions.execution_logs(p, eid, after, limit))
+    limit, cursor = page_args(request, 500)
+    return json_response(await request.app[CP_KEY].executions.execution_logs(p, eid, after, limit, cursor=cursor))
 
 
 # --- agent (mTLS) ---------------------------------------------------------
@@ -470,9 +515,13 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/admin/audit/verify", admin_audit_verify),
     ("POST", "/admin/audit/checkpoint", admin_audit_checkpoint),
     ("POST", "/sites/{site_id}/plans", create_plan),
+    ("GET", "/sites/{site_id}/plans", list_plans),  # issue 13
     ("GET", "/sites/{site_id}/hosts", list_hosts),
     ("GET", "/sites/{site_id}/vms", list_vms),
     ("GET", "/sites/{site_id}/agents", list_agents),
+    ("GET", "/tenants/{tenant_id}/overview", tenant_overview),  # issue 13
+    ("GET", "/sites/{site_id}/status", site_status),
+    ("GET", "/sites/{site_id}/vms/{vm_id}", vm_detail),
     ("GET", "/vms/{vm_id}/console", vm_console),
     ("GET", "/sites/{site_id}/executions", list_executions),
     ("GET", "/plans/{plan_id}", get_plan),
@@ -520,5 +569,7 @@ def build_app(cp: ControlPlane) -> web.Application:
     app.cleanup_ctx.append(limiter.lifecycle)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
+    if cp.s.ui_enabled:  # issue 13: the dashboard, on the same listener (its errors are HTML pages)
+        app.add_subapp("/ui/", build_ui(cp))
     return app
 

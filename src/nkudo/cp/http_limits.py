@@ -38,7 +38,7 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     """Issue 12: one token per request from the bucket of (client, route class), before authentication and
     before the handler (so unknown paths and bad credentials are paid for too); 429 with ``Retry-After``."""
     limiter = request.app[LIMITER_KEY]
-    cls = classify(request.path)
+    cls = classify(request.path, request.method)
     if cls not in limiter.active:
         return await handler(request)
     identity = client_identity(request, cls)
@@ -67,13 +67,13 @@ def client_address_of(request: web.Request) -> str:
 
 def client_identity(request: web.Request, cls: RouteClass) -> str:
     """Whose bucket: the verified agent on agent routes, the presented key's hash on key routes, else the
-    address (always the address for enrollment, which has no credential but the token in its body)."""
+    address (always the address for enrollment and logins, whose credentials are in their bodies)."""
     if cls in AGENT_CLASSES:
         try:
             return "agent:" + agent_identity(request).cn
         except Unauthenticated:
             pass
-    elif cls is not RouteClass.ENROLL:
+    elif cls not in (RouteClass.ENROLL, RouteClass.LOGIN):
         key = request.headers.get("X-API-Key") or request.headers.get("X-Admin-Key")
         if key:
             return key_identity(key.strip())

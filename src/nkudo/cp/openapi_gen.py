@@ -27,7 +27,7 @@ from typing import Any, Final
 import msgspec
 import yaml
 
-from nkudo.cp import models, views
+from nkudo.cp import models, readviews, views
 from nkudo.wire import messages as wm
 
 DOC_PATH: Final = Path(__file__).with_name("openapi.yaml")
@@ -73,7 +73,7 @@ def _ecma(node: Any) -> Any:
 
 def schemas() -> dict[str, Any]:
     """The document's ``components.schemas``: every request and response model and what they refer to."""
-    _, components = msgspec.json.schema_components(REQUESTS + views.VIEWS + AGENT_RESPONSES,
+    _, components = msgspec.json.schema_components(REQUESTS + views.VIEWS + readviews.VIEWS + AGENT_RESPONSES,
                                                    ref_template=REF_TEMPLATE)
     return {name: _ecma(components[name]) for name in sorted(components)}
 

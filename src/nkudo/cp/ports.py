@@ -17,12 +17,14 @@ import sqlalchemy as sa
 from cryptography import x509
 from sqlalchemy.engine import Row
 
+from nkudo.cp.feed import Change
 from nkudo.cp.metrics import Metrics
 from nkudo.cp.pki import IssuedCert, RevokedEntry, SignedCrl
 
 T = TypeVar("T")
 
-__all__ = ["Authority", "Clock", "Metrics", "RevokedEntry", "SystemClock", "Transactions"]
+__all__ = ["NO_FEED", "Authority", "Clock", "Metrics", "Publisher", "RevokedEntry", "SystemClock",
+           "Transactions"]
 
 
 class Clock(Protocol):
@@ -65,3 +67,22 @@ class Authority(Protocol):
                    ttl: dt.timedelta, crl_url: str | None = ...) -> IssuedCert: ...
 
     def sign_crl(self, revoked: Sequence[RevokedEntry], *, number: int, validity: dt.timedelta = ...) -> SignedCrl: ...
+
+
+class Publisher(Protocol):
+    """Where a use case announces a committed change (``nkudo.cp.feed.ChangeFeed``): synchronous, never
+    blocks, called only after ``Transactions.run`` returned, so a live view never shows an uncommitted row."""
+
+    def publish(self, change: Change) -> None: ...
+
+
+class _NoFeed:
+    """The publisher of a use case built without a feed (tests driving one use case directly)."""
+
+    __slots__ = ()
+
+    def publish(self, change: Change) -> None:
+        pass
+
+
+NO_FEED: Publisher = _NoFeed()

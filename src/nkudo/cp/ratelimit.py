@@ -35,6 +35,7 @@ class RouteClass(enum.StrEnum):
     HEARTBEAT = "heartbeat"  # /v1/heartbeat, /v1/plans/next: per agent, sized far above any interval
     AGENT = "agent"  # the other mTLS routes (results, logs, renew, unenroll): per agent
     MANAGEMENT = "management"  # /tenants and /tenants/{id}/api-keys[/...]: per key, moderate
+    LOGIN = "login"  # POST /ui/login, POST /ui/invite/{token} (issue 13): per address, strict (password guessing)
     DEFAULT = "default"  # everything else, unknown paths included: generous
 
 
@@ -44,6 +45,7 @@ class Credential(enum.StrEnum):
     ADMIN_KEY = "admin_key"
     API_KEY = "api_key"
     ENROLLMENT_TOKEN = "enrollment_token"  # noqa: S105 - a credential type, not a secret
+    PASSWORD = "password"  # noqa: S105 - dashboard logins (issue 13)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ DEFAULT_LIMITS: Mapping[RouteClass, Limit] = {
     RouteClass.HEARTBEAT: Limit(5.0, 100),
     RouteClass.AGENT: Limit(20.0, 400),
     RouteClass.MANAGEMENT: Limit(2.0, 120),
+    RouteClass.LOGIN: Limit(10 / 60, 10),
     RouteClass.DEFAULT: Limit(20.0, 600),
 }
 
@@ -136,8 +139,14 @@ def retry_after_header(seconds: float) -> str:
 _AGENT_ROUTES = {"/v1/executions/result", "/v1/logs", "/v1/unenroll", "/v1/renew"}
 
 
-def classify(path: str) -> RouteClass:
-    """The class of a request path (decoded, as the router sees it); unknown paths are DEFAULT."""
+def classify(path: str, method: str = "GET") -> RouteClass:
+    """The class of a request path (decoded, as the router sees it); unknown paths are DEFAULT.
+
+    Only the dashboard's password forms (a POST of /ui/login or /ui/invite/{token}) are LOGIN: showing the
+    forms costs no password check, so a user reloading the page does not spend the strict bucket.
+    """
+    if method == "POST" and (path == "/ui/login" or path.startswith("/ui/invite/")):
+        return RouteClass.LOGIN
     if path == "/v1/heartbeat" or path == "/v1/plans/next":
         return RouteClass.HEARTBEAT
     if path == "/v1/enroll":

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy.engine import Row
 
-from nkudo.cp.domain import ActorType, AgentState, ExecState, PrincipalKind
+from nkudo.cp.domain import ActorType, AgentState, ExecState, Permission, PrincipalKind, Role, role_allows
 from nkudo.cp.pki import RevokedEntry
 
 
@@ -32,15 +32,32 @@ class Actor:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who calls a tenant route: the admin (every tenant) or an API key (its tenant only)."""
+    """Who calls a tenant route: the admin (every tenant), an API key or a dashboard user (one tenant).
+
+    ``role`` limits what a tenant principal may change (issue 13); ``None`` on an API key keeps the JSON
+    API's meaning of a tenant key (full access to its tenant). ``user_id`` names a dashboard user, also on
+    the admin-equivalent principal of an admin user, so the audit log names the person, not "the admin".
+    """
 
     kind: PrincipalKind
     tenant_id: str | None = None
     key_id: str | None = None
+    user_id: str | None = None
+    role: Role | None = None
 
     @property
     def actor(self) -> Actor:
+        if self.user_id is not None:
+            return Actor(ActorType.USER, self.user_id)
         return Actor(ActorType.ADMIN) if self.kind == PrincipalKind.ADMIN else Actor(ActorType.API_KEY, self.key_id)
+
+    def allows(self, perm: Permission) -> bool:
+        """Whether this principal may do what needs ``perm`` (the admin and role-less API keys may do all)."""
+        if self.kind == PrincipalKind.ADMIN:
+            return True
+        if self.role is None:
+            return self.kind == PrincipalKind.API_KEY
+        return role_allows(self.role, perm)
 
 
 @dataclass(frozen=True, slots=True)

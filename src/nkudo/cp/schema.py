@@ -343,3 +343,94 @@ console_requests = sa.Table(
     _ts("captured_at", True),
     sa.Index("ix_console_requests_host_id_state", "host_id", "state"),
 )
+
+# --- issue 13: dashboard accounts (migration 0007) -------------------------------------------------------------
+# Users log in with an email and a password (only its argon2id hash is stored) and act in the tenants they are
+# members of, with the membership's role. Invitation and session tokens are stored as sha256 hashes only, each
+# unique and indexed (every dashboard request finds its session by one indexed read). A session belongs to a user
+# or, read-only, to an API key (its tenant); deleting either ends the session with it. The users' failed_* and
+# lock_* columns are the per-account login throttle (nkudo.cp.ratelimit.after_failure over this row).
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("email", sa.String(254), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("is_admin", sa.Boolean(), nullable=False),
+    _ts("created_at"),
+    _ts("last_login_at", True),
+    _ts("disabled_at", True),
+    sa.Column("failed_logins", sa.Integer(), nullable=False),
+    sa.Column("failure_window_start", sa.Float(53), nullable=True),
+    sa.Column("lock_level", sa.Integer(), nullable=False),
+    sa.Column("locked_until", sa.Float(53), nullable=True),
+    sa.Column("last_failure", sa.Float(53), nullable=True),
+)
+
+memberships = sa.Table(
+    "memberships", metadata,
+    sa.Column("user_id", Id, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tenant_id", Id, sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True, index=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    _ts("created_at"),
+)
+
+invitations = sa.Table(
+    "invitations", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("tenant_id", Id, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("email", sa.String(254), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_by", sa.String(64), nullable=True),
+    _ts("created_at"),
+    _ts("expires_at"),
+    _ts("accepted_at", True),
+    _ts("revoked_at", True),
+)
+
+sessions = sa.Table(
+    "sessions", metadata,
+    sa.Column("id", Id, primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("user_id", Id, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True),
+    sa.Column("api_key_id", Id, sa.ForeignKey("api_keys.id", ondelete="CASCADE"), nullable=True, index=True),
+    sa.Column("tenant_id", Id, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True),
+    _ts("created_at"),
+    _ts("last_seen_at"),
+    _ts("expires_at"),
+    _ts("revoked_at", True),
+    sa.Column("source_ip", sa.String(64), nullable=True),
+    sa.Column("user_agent", sa.String(256), nullable=True),
+    sa.CheckConstraint("(user_id IS NULL) <> (api_key_id IS NULL)", name="one_owner"),
+)
+
+# --- issue 13: VM state history (migration 0008) ---------------------------------------------------------------
+# One row per change of a VM's state, written by the heartbeat that reported it (only when it differs from the
+# stored state) or by the result of the action that caused it. The newest 200 rows of each VM are kept (pruned
+# in the writing transaction, nkudo.cp.usecases.overview). The executions index serves "actions that touched
+# this VM" on the VM page.
+
+vm_state_history = sa.Table(
+    "vm_state_history", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("tenant_id", Id, nullable=False),
+    sa.Column("site_id", Id, sa.ForeignKey("sites.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("vm_id", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("previous_state", sa.String(16), nullable=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("execution_id", Id, nullable=True),
+    _ts("at"),
+    sa.Index("ix_vm_state_history_site_id_vm_id_at", "site_id", "vm_id", "at"),
+)
+
+executions.append_constraint(sa.Index("ix_executions_site_id_vm_id", "site_id", "vm_id"))
+
+# --- issue 13: keyset paging (migration 0009) -------------------------------------------------------------------
+# A site's plans and executions are listed newest first (``created_at`` descending); these indexes let a page be
+# an index range read instead of a sort of every plan or execution the site ever had.
+plans.append_constraint(sa.Index("ix_plans_site_id_created_at", "site_id", "created_at"))
+executions.append_constraint(sa.Index("ix_executions_site_id_created_at", "site_id", "created_at"))
+# The site status counts a site's VMs per state (dashboard, GET /sites/{id}/status): a covering index scan.
+vms.append_constraint(sa.Index("ix_vms_site_id_state", "site_id", "state"))

@@ -13,6 +13,7 @@ from aiohttp import web
 from nkudo.cp.auditchain import Signer
 from nkudo.cp.config import Settings, prepare_data_dir, resolve_admin_key
 from nkudo.cp.db import Database, redact_url, sqlite_url
+from nkudo.cp.feed_pg import PgBridge
 from nkudo.cp.http import build_app, build_health_app
 from nkudo.cp.pki import CA_CERT, CA_KEY, CertificateAuthority
 from nkudo.cp.service import ControlPlane
@@ -117,13 +118,18 @@ async def _audit_verifier(cp: ControlPlane) -> None:
 
 
 async def _lockout_pruner(cp: ControlPlane) -> None:
-    """Issue 12: drop lock-out rows whose failures, lock and level are all over (the table stays small)."""
+    """Issue 12: drop lock-out rows whose failures, lock and level are all over (the table stays small); issue 13:
+    likewise dashboard sessions that ended (revoked or past a timeout), which no lookup can match any more."""
     while True:
         await asyncio.sleep(300.0)
         try:
             await cp.lockouts.prune()
         except Exception:
             log.exception("lock-out prune failed")
+        try:
+            await cp.accounts.prune_sessions()
+        except Exception:
+            log.exception("session prune failed")
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
@@ -148,6 +154,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop:
     sweeper = asyncio.create_task(_sweeper(cp)) if settings.sweep_interval > 0 else None
     flusher = asyncio.create_task(_flusher(cp))
     pruner = asyncio.create_task(_lockout_pruner(cp))
+    bridge = PgBridge(cp.feed, cp.db.url) if cp.db.is_pg else None  # issue 13: changes reach every replica
+    if bridge is not None:
+        await bridge.start()
     audit_tasks = [asyncio.create_task(fn(cp)) for fn, every in (
         (_audit_checkpointer, settings.audit_checkpoint_interval), (_audit_verifier, settings.audit_verify_interval))
         if every > 0]
@@ -172,6 +181,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None, stop:
             task.cancel()
         if health_runner is not None:
             await health_runner.cleanup()
+        cp.feed.close()  # open live views (SSE streams) end now instead of holding the shutdown
+        if bridge is not None:
+            await bridge.stop()
         await runner.cleanup()
         await cp.flush_seen()
         if settings.audit_checkpoint_interval > 0:  # seal what this run appended: nothing is left unsigned

@@ -15,11 +15,13 @@ import datetime as dt
 
 from nkudo.cp.config import Settings
 from nkudo.cp.db import Database
+from nkudo.cp.feed import ChangeFeed
 from nkudo.cp.metrics import Metrics
 from nkudo.cp.pki import CertificateAuthority
 from nkudo.cp.ports import Clock, SystemClock
 from nkudo.cp.records import AgentIdentity, Principal, RequestInfo, iso
 from nkudo.cp.usecases.access import Access
+from nkudo.cp.usecases.accounts import Accounts
 from nkudo.cp.usecases.agentauth import AgentCredentials
 from nkudo.cp.usecases.audit import AuditLog
 from nkudo.cp.usecases.connectivity import ConnectivitySweep
@@ -30,6 +32,7 @@ from nkudo.cp.usecases.executions import Executions
 from nkudo.cp.usecases.heartbeat import Heartbeats
 from nkudo.cp.usecases.inventory import Inventory
 from nkudo.cp.usecases.lockout import Lockouts
+from nkudo.cp.usecases.overview import Overview
 from nkudo.cp.usecases.plans import Plans
 from nkudo.cp.usecases.quotas import Quotas
 from nkudo.cp.usecases.tenancy import Tenancy
@@ -56,20 +59,23 @@ class ControlPlane:
         self.metrics = metrics or Metrics()
         self.clock: Clock = clock or SystemClock()
         c = self.clock
+        self.feed = f = ChangeFeed()  # issue 13: committed changes fanned out to the live views
         self.lockouts = Lockouts(settings.lockout, db, self.metrics, c)  # issue 12: failed-authentication lock-out
         self.access = Access(db, c, admin_key, settings.metrics_token, self.lockouts)
+        self.accounts = Accounts(settings, db, c, self.lockouts)  # issue 13: dashboard users and sessions
         self.tenancy = Tenancy(db, c)
-        self.enrollment = Enrollment(settings, db, ca, self.metrics, c, self.lockouts)
-        self.credentials = AgentCredentials(settings, db, ca, c)
+        self.enrollment = Enrollment(settings, db, ca, self.metrics, c, self.lockouts, feed=f)
+        self.credentials = AgentCredentials(settings, db, ca, c, feed=f)
         self.consoles = Consoles(settings, db, c)
-        self.heartbeats = Heartbeats(settings, db, self.metrics, c, self.consoles)
-        self.plans = Plans(settings, db, c)
-        self.executions = Executions(db, self.metrics, c)
+        self.heartbeats = Heartbeats(settings, db, self.metrics, c, self.consoles, feed=f)
+        self.plans = Plans(settings, db, c, feed=f)
+        self.executions = Executions(db, self.metrics, c, feed=f)
         self.inventory = Inventory(db)
+        self.overview = Overview(db, c, dt.timedelta(seconds=settings.agent_cert_ttl))  # issue 13: the dashboard's read models
         self.audit = AuditLog(db, c, self.metrics)
         self.crl = Crl(settings, db, ca, c)
         self.quotas = Quotas(db, c)  # issue 12 part 3
-        self.connectivity = ConnectivitySweep(settings, db, self.metrics, c)
+        self.connectivity = ConnectivitySweep(settings, db, self.metrics, c, feed=f)
 
     @property
     def _admin_key(self) -> bytes:

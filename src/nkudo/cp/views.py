@@ -191,6 +191,8 @@ class AuditEvents(_View):
     """A tenant's audit events, newest first."""
 
     events: list[AuditEventView]
+    #: Issue 13: the cursor of the following page (pass it as ``cursor``); absent on the last page.
+    next: str | None = None
 
 
 # --- plans and executions ---------------------------------------------------
@@ -241,6 +243,32 @@ class ExecutionList(_View):
     """A site's executions, newest first."""
 
     executions: list[ExecutionView]
+    #: Issue 13: the cursor of the following page (pass it as ``cursor``); absent on the last page.
+    next: str | None = None
+
+
+class PlanSummaryView(_View):
+    """A plan without its executions (issue 13): what a list of plans shows; ``actions`` counts its executions."""
+
+    plan_id: Id
+    tenant_id: Id
+    site_id: Id
+    idempotency_key: str
+    plan_status: PlanStatus
+    actions: int
+    created_at: Timestamp
+    updated_at: Timestamp
+    completed_at: Timestamp | None
+    leased_by_agent_id: Id | None
+    lease_expires_at: Timestamp | None
+
+
+class PlanList(_View):
+    """A site's plans, newest first."""
+
+    plans: list[PlanSummaryView]
+    #: Issue 13: the cursor of the following page (pass it as ``cursor``); absent on the last page.
+    next: str | None = None
 
 
 class LogEntryView(_View):
@@ -257,6 +285,8 @@ class ExecutionLogs(_View):
     execution_id: Id
     logs: list[LogEntryView]
     next_after_seq: int | None
+    #: Issue 13: the same position as a cursor (the last ``seq``; pass it as ``cursor``); absent at the end.
+    next: str | None = None
 
 
 # --- inventory --------------------------------------------------------------
@@ -278,6 +308,8 @@ class HostView(_View):
 
 class HostList(_View):
     hosts: list[HostView]
+    #: Issue 13: the cursor of the following page (pass it as ``cursor``); absent on the last page.
+    next: str | None = None
 
 
 class VmRatesView(_View):
@@ -337,6 +369,8 @@ class VmList(_View):
     """A site's VMs as its agents last reported them (deleted ones left out)."""
 
     vms: list[VmView]
+    #: Issue 13: the cursor of the following page (pass it as ``cursor``); absent on the last page.
+    next: str | None = None
 
 
 class AgentStatusView(_View):
@@ -355,6 +389,8 @@ class AgentStatusView(_View):
 
 class AgentList(_View):
     agents: list[AgentStatusView]
+    #: Issue 13: the cursor of the following page (pass it as ``cursor``); absent on the last page.
+    next: str | None = None
 
 
 # --- issue 12 part 2: the audit chain ------------------------------------------------------------------
@@ -385,6 +421,8 @@ class AuditEventPage(_View):
 
     events: list[AuditChainEventView]
     next_before_id: int | None
+    #: Issue 13: the cursor of the following page (pass it as ``cursor``); absent on the last page.
+    next: str | None = None
 
 
 class AuditBreakView(_View):
@@ -491,6 +529,7 @@ VIEWS: Final[tuple[type[msgspec.Struct], ...]] = (
     ErrorResponse, Health, Readiness, TenantView, TenantList, ApiKeyCreated, ApiKeyList, SiteView, SiteList,
     TokenIssued, TokenList, AuditEvents, PlanView, ExecutionView, ExecutionList, ExecutionLogs, HostList, VmList,
     AgentList,
+    PlanList,  # issue 13: paging
     AuditEventPage, AuditVerifyReport, AuditCheckpoints,  # issue 12 part 2
     VmConsoleView,  # issue 15 part 3
     QuotaView,  # issue 12 part 3

@@ -12,14 +12,14 @@ from nkudo.cp import domain
 from nkudo.cp import schema as t
 from nkudo.cp import views as v
 from nkudo.cp.config import check_admin_key, presented_secret
-from nkudo.cp.domain import PrincipalKind
+from nkudo.cp.domain import Permission, PrincipalKind
 from nkudo.cp.errors import NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate
 from nkudo.cp.ports import Clock, Transactions
 from nkudo.cp.ratelimit import Credential
 from nkudo.cp.records import AuditEntry, Principal, RequestInfo, iso, stamp
 from nkudo.cp.usecases import quotas
-from nkudo.cp.usecases.common import NO_REQUEST, audit, new_id, rand_token, sha256_hex, tenant_scope
+from nkudo.cp.usecases.common import NO_REQUEST, audit, new_id, rand_token, require, sha256_hex, tenant_scope
 from nkudo.cp.usecases.lockout import Lockouts
 
 ADMIN = Principal(PrincipalKind.ADMIN)
@@ -118,6 +118,8 @@ class Access:
 
     async def create_api_key(self, p: Principal, tenant_id: str, body: ApiKeyCreate, info: RequestInfo
                              ) -> v.ApiKeyCreated:
+        require(p, Permission.MANAGE)
+
         def tx(conn: Connection) -> v.ApiKeyCreated:
             tenant_scope(conn, p, tenant_id)
             now = self.clock.now()
@@ -146,6 +148,8 @@ class Access:
         return await self.db.run(tx)
 
     async def revoke_api_key(self, p: Principal, tenant_id: str, key_id: str, info: RequestInfo) -> None:
+        require(p, Permission.MANAGE)
+
         def tx(conn: Connection) -> None:
             tenant_scope(conn, p, tenant_id)
             now = self.clock.now()

@@ -19,7 +19,8 @@ from nkudo.cp import schema as t
 from nkudo.cp.config import Settings, crl_distribution_url
 from nkudo.cp.domain import ActorType, AgentState, PlanStatus, RevocationReason
 from nkudo.cp.errors import Conflict, Unauthenticated
-from nkudo.cp.ports import Authority, Clock, Transactions
+from nkudo.cp.feed import Change, ChangeKind, publish_all
+from nkudo.cp.ports import NO_FEED, Authority, Clock, Publisher, Transactions
 from nkudo.cp.records import Actor, AgentIdentity, AgentRecord, AuditEntry, RequestInfo
 from nkudo.cp.usecases.common import audit, rand_token, recompute_sites, release_work, sha256_hex
 from nkudo.wire import messages as wm
@@ -67,14 +68,16 @@ def load_agent(conn: Connection, ident: AgentIdentity, now: dt.datetime, *, curr
 class AgentCredentials:
     """Renew an agent's certificate and refresh token; unenroll an agent (its certificates revoked)."""
 
-    def __init__(self, settings: Settings, db: Transactions, ca: Authority, clock: Clock) -> None:
+    def __init__(self, settings: Settings, db: Transactions, ca: Authority, clock: Clock,
+                 feed: Publisher = NO_FEED) -> None:
         self.s = settings
         self.db = db
         self.ca = ca
         self.clock = clock
+        self.feed = feed  # issue 13: unenrolled and renewed agents change the live views
 
     async def unenroll(self, ident: AgentIdentity, req: wm.UnenrollRequest, info: RequestInfo) -> None:
-        def tx(conn: Connection) -> None:
+        def tx(conn: Connection) -> AgentRecord:
             now = self.clock.now()
             agent = load_agent(conn, ident, now)
             c = t.certificates.c
@@ -90,12 +93,15 @@ class AgentCredentials:
             recompute_sites(conn, [agent.site_id])
             audit(conn, info, AuditEntry(Actor(ActorType.AGENT, agent.id), "agent.unenroll", agent.tenant_id,
                                          "agent", agent.id, {"reason": req.reason}), now)
+            return agent
 
-        await self.db.run(tx)
+        agent = await self.db.run(tx)
+        publish_all(self.feed, [Change(ChangeKind.AGENT, agent.tenant_id, agent.site_id, agent.id),
+                                Change(ChangeKind.SITE, agent.tenant_id, agent.site_id, agent.site_id)])
 
     async def renew(self, ident: AgentIdentity, req: wm.RenewRequest, csr: x509.CertificateSigningRequest,
                     info: RequestInfo) -> wm.RenewResponse:
-        def tx(conn: Connection) -> wm.RenewResponse:
+        def tx(conn: Connection) -> tuple[wm.RenewResponse, AgentRecord]:
             now = self.clock.now()
             agent = load_agent(conn, ident, now, current_only=True)
             presented = sha256_hex(req.refresh_token)
@@ -122,6 +128,8 @@ class AgentCredentials:
                                          agent.id, {"old_serial": agent.cert_serial, "new_serial": issued.serial}),
                   now)
             return wm.RenewResponse(client_certificate_pem=issued.pem, ca_certificate_pem=self.ca.cert_pem,
-                                    refresh_token=refresh, certificate_expires_at=issued.not_after)
+                                    refresh_token=refresh, certificate_expires_at=issued.not_after), agent
 
-        return await self.db.run(tx)
+        out, agent = await self.db.run(tx)
+        self.feed.publish(Change(ChangeKind.AGENT, agent.tenant_id, agent.site_id, agent.id))  # new expiry
+        return out

@@ -24,6 +24,7 @@ from nkudo.cp import schema as t
 from nkudo.cp import views as v
 from nkudo.cp.domain import ActorType
 from nkudo.cp.errors import BadRequest, Unavailable
+from nkudo.cp.paging import MAX_LIMIT, PageKind, after, check_limit, cut
 from nkudo.cp.ports import Clock, Metrics, SystemClock, Transactions
 from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo, stamp
 from nkudo.cp.usecases.common import audit, require_admin, tenant_scope
@@ -55,6 +56,8 @@ class AuditFilter:
     until: dt.datetime | None = None
     #: Admin listing only: one chain (a tenant id or ``global``); ``None`` lists every chain.
     chain: str | None = None
+    #: Issue 13: the previous page's ``next`` (checked by the listing it belongs to).
+    cursor: str | None = None
 
 
 _ACTION = re.compile(r"[a-z][a-z0-9_.]{0,63}\Z")
@@ -71,7 +74,7 @@ def parse_filter(query: Mapping[str, str], *, admin: bool) -> AuditFilter:
     ``until`` RFC 3339 times (``until`` exclusive); on the admin listing also ``chain`` (a tenant id or
     ``global``).
     """
-    known = {"limit", "before_id", "action", "actor_type", "object_type", "object_id", "since", "until"}
+    known = {"limit", "before_id", "action", "actor_type", "object_type", "object_id", "since", "until", "cursor"}
     if admin:
         known.add("chain")
     for name in query:
@@ -108,7 +111,7 @@ def parse_filter(query: Mapping[str, str], *, admin: bool) -> AuditFilter:
     if actor is not None and actor not in ActorType.__members__.values():
         raise BadRequest(f"actor_type must be one of {', '.join(a.value for a in ActorType)}", field="actor_type")
     return AuditFilter(
-        limit=number("limit", 1, 1000) or 100, before_id=number("before_id", 1, 2**62),
+        limit=number("limit", 1, MAX_LIMIT) or 100, before_id=number("before_id", 1, 2**62), cursor=query.get("cursor"),
         action=text("action", _ACTION), actor_type=ActorType(actor) if actor is not None else None,
         object_type=text("object_type", _OBJECT_TYPE), object_id=text("object_id", _OBJECT_ID),
         since=when("since"), until=when("until"), chain=text("chain", _CHAIN) if admin else None)
@@ -177,17 +180,20 @@ class AuditLog:
 
     # --- reading -----------------------------------------------------------------
 
-    async def list_audit(self, p: Principal, tenant_id: str, limit: int, flt: AuditFilter | None = None
-                         ) -> v.AuditEvents:
-        """A tenant's own chain, newest first (``flt`` narrows it and pages back with ``before_id``)."""
+    async def list_audit(self, p: Principal, tenant_id: str, limit: int = 100, flt: AuditFilter | None = None,
+                         *, cursor: str | None = None) -> v.AuditEvents:
+        """A tenant's own chain, newest first (``flt`` narrows it; ``cursor`` or ``before_id`` pages back)."""
         f = flt or AuditFilter(limit=limit)
-        limit = f.limit
+        limit = check_limit(f.limit)
+        key = after(PageKind.AUDIT, cursor or f.cursor)
 
         def tx(conn: Connection) -> v.AuditEvents:
             tenant_scope(conn, p, tenant_id)
-            rows = conn.execute(sa.select(t.audit_events).where(_E.chain == tenant_id, *_where(f))
-                                .order_by(_E.id.desc()).limit(limit))
-            return v.AuditEvents(events=[v.AuditEventView(
+            resume = _E.id < key[0] if key else sa.true()
+            found = conn.execute(sa.select(t.audit_events).where(_E.chain == tenant_id, resume, *_where(f))
+                                 .order_by(_E.id.desc()).limit(limit + 1)).all()
+            rows, nxt = cut(PageKind.AUDIT, found, limit, lambda r: (r.id,))
+            return v.AuditEvents(next=nxt, events=[v.AuditEventView(
                 id=r.id, tenant_id=r.tenant_id, actor_type=r.actor_type, actor_id=r.actor_id, action=r.action,
                 object_type=r.object_type, object_id=r.object_id, request_id=r.request_id, source_ip=r.source_ip,
                 details=r.details, occurred_at=stamp(r.occurred_at),
@@ -198,10 +204,14 @@ class AuditLog:
     async def list_events(self, p: Principal, f: AuditFilter) -> v.AuditEventPage:
         """Every chain's events (admin), newest first, with their chain fields."""
         require_admin(p)
-        rows = await self.db.select(sa.select(*_CHAIN_COLUMNS).where(*_where(f)).order_by(_E.id.desc())
-                                    .limit(f.limit), {})
+        key = after(PageKind.ADMIN_AUDIT, f.cursor)
+        resume = _E.id < key[0] if key else sa.true()
+        found = await self.db.select(sa.select(*_CHAIN_COLUMNS).where(resume, *_where(f)).order_by(_E.id.desc())
+                                     .limit(check_limit(f.limit) + 1), {})
+        rows, nxt = cut(PageKind.ADMIN_AUDIT, found, f.limit, lambda r: (r.id,))
         events = [_chain_view(r) for r in rows]
-        return v.AuditEventPage(events=events, next_before_id=events[-1].id if len(events) == f.limit else None)
+        return v.AuditEventPage(events=events, next_before_id=events[-1].id if len(events) == f.limit else None,
+                                next=nxt)
 
     # --- recording ---------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import datetime as dt
 import hashlib
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from nkudo.cp import auditchain, domain
 from nkudo.cp import schema as t
 from nkudo.cp.domain import AgentState, ExecState, PrincipalKind
-from nkudo.cp.errors import NotFound, Unauthenticated
+from nkudo.cp.errors import Forbidden, NotFound, Unauthenticated
 from nkudo.cp.records import AuditEntry, Principal, RequestInfo, Scope
 
 NO_REQUEST = RequestInfo()
@@ -77,6 +77,17 @@ def audit(conn: Connection, info: RequestInfo, entry: AuditEntry, now: dt.dateti
     else:
         conn.execute(ins)
         conn.execute(move)
+
+
+def require(p: Principal, perm: domain.Permission) -> None:
+    """Refuse a principal whose role does not grant ``perm`` (issue 13); the admin and tenant API keys pass.
+
+    Called first by every write use case, before it reads anything, so a viewer learns nothing from a refused
+    write that a read would not have told it.
+    """
+    if not p.allows(perm):
+        raise Forbidden(f"this operation needs the {perm.value!r} permission, which your role "
+                        f"({p.role.value if p.role else 'none'}) does not grant", code="FORBIDDEN_ROLE")
 
 
 def require_admin(p: Principal) -> None:
@@ -135,3 +146,24 @@ def rollup(conn: Connection, plan_id: str, now: dt.datetime) -> domain.PlanStatu
         values.update(completed_at=now, leased_by_agent_id=None, lease_expires_at=None)
     conn.execute(t.plans.update().where(p.id == plan_id).values(**values))
     return status
+
+
+def seek(order: Sequence[tuple[sa.ColumnElement[Any], bool]], key: tuple[Any, ...] | None
+         ) -> sa.ColumnElement[bool]:
+    """Rows strictly after ``key`` in the order ``order`` ((column, descending) pairs): a keyset page's WHERE.
+
+    Spelled as ``c1 beyond v1 OR (c1 = v1 AND c2 beyond v2) ...`` rather than a row-value comparison
+    because the columns may sort in different directions and both databases use the index on it.
+    """
+    if key is None:
+        return sa.true()
+    terms: list[sa.ColumnElement[bool]] = []
+    for i, (col, desc) in enumerate(order):
+        equal = [c == v for (c, _), v in zip(order[:i], key[:i], strict=True)]
+        terms.append(sa.and_(*equal, col < key[i] if desc else col > key[i]))
+    return sa.or_(*terms)
+
+
+def ordering(order: Sequence[tuple[sa.ColumnElement[Any], bool]]) -> list[sa.ColumnElement[Any]]:
+    """The ORDER BY of a keyset listing, the same pairs ``seek`` resumes in."""
+    return [c.desc() if desc else c.asc() for c, desc in order]

@@ -10,7 +10,8 @@ from sqlalchemy.engine import Connection
 from nkudo.cp import schema as t
 from nkudo.cp.config import Settings
 from nkudo.cp.domain import ActorType, AgentState, ExecState, PlanStatus
-from nkudo.cp.ports import Clock, Metrics, Transactions
+from nkudo.cp.feed import Change, ChangeKind, publish_all
+from nkudo.cp.ports import NO_FEED, Clock, Metrics, Publisher, Transactions
 from nkudo.cp.records import Actor, AuditEntry
 from nkudo.cp.usecases.common import NO_REQUEST, audit, recompute_sites, release_work
 from nkudo.log import get_logger
@@ -20,14 +21,18 @@ SWEEPER = Actor(ActorType.SYSTEM, "sweeper")
 
 
 class ConnectivitySweep:
-    def __init__(self, settings: Settings, db: Transactions, metrics: Metrics, clock: Clock) -> None:
+    def __init__(self, settings: Settings, db: Transactions, metrics: Metrics, clock: Clock,
+                 feed: Publisher = NO_FEED) -> None:
         self.s = settings
+        self.feed = feed  # issue 13: agents going offline change what the live views show
         self.db = db
         self.metrics = metrics
         self.clock = clock
 
-    def _sweep_tx(self, conn: Connection) -> int:
+    def _sweep_tx(self, conn: Connection, changes: list[Change] | None = None) -> int:
         now = self.clock.now()
+        changes = [] if changes is None else changes
+        changes.clear()  # a retried transaction starts over
         cutoff = now - dt.timedelta(seconds=self.s.offline_after)
         a = t.agents.c
         # Only ONLINE agents can go OFFLINE (an UNENROLLED agent stays UNENROLLED: the original flipped it).
@@ -43,6 +48,8 @@ class ConnectivitySweep:
         recompute_sites(conn, sorted({r.site_id for r in stale}))
         for r in stale:
             audit(conn, NO_REQUEST, AuditEntry(SWEEPER, "agent.offline", r.tenant_id, "agent", r.id), now)
+            changes.append(Change(ChangeKind.AGENT, r.tenant_id, r.site_id, r.id))
+        changes.extend(Change(ChangeKind.SITE, r.tenant_id, r.site_id, r.site_id) for r in stale)
         return len(stale)
 
     async def sweep_offline(self) -> int:
@@ -50,7 +57,9 @@ class ConnectivitySweep:
 
         The caller flushes buffered heartbeats first, so a quiet but live agent is never swept.
         """
-        n = await self.db.run(self._sweep_tx)
+        changes: list[Change] = []
+        n = await self.db.run(self._sweep_tx, changes)
+        publish_all(self.feed, changes)
         if n:
             self.metrics.swept.inc(n)
             log.info("agents marked offline", count=n)

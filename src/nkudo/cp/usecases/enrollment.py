@@ -11,10 +11,11 @@ from sqlalchemy.engine import Connection
 from nkudo.cp import schema as t
 from nkudo.cp import views as v
 from nkudo.cp.config import Settings, crl_distribution_url
-from nkudo.cp.domain import ActorType, AgentState, Connectivity
+from nkudo.cp.domain import ActorType, AgentState, Connectivity, Permission
 from nkudo.cp.errors import Conflict, NotFound, Unauthenticated
+from nkudo.cp.feed import Change, ChangeKind, publish_all
 from nkudo.cp.models import TokenCreate
-from nkudo.cp.ports import Authority, Clock, Metrics, Transactions
+from nkudo.cp.ports import NO_FEED, Authority, Clock, Metrics, Publisher, Transactions
 from nkudo.cp.ratelimit import Credential
 from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo, iso, stamp
 from nkudo.cp.usecases import quotas
@@ -22,6 +23,7 @@ from nkudo.cp.usecases.common import (
     audit,
     new_id,
     rand_token,
+    require,
     set_site_connectivity,
     sha256_hex,
     tenant_scope,
@@ -33,8 +35,9 @@ from nkudo.wire import messages as wm
 
 class Enrollment:
     def __init__(self, settings: Settings, db: Transactions, ca: Authority, metrics: Metrics, clock: Clock,
-                 lockouts: Lockouts | None = None) -> None:
+                 lockouts: Lockouts | None = None, feed: Publisher = NO_FEED) -> None:
         self.lockouts = lockouts
+        self.feed = feed  # issue 13: a new agent appears on the live views
         self.s = settings
         self.db = db
         self.ca = ca
@@ -43,6 +46,8 @@ class Enrollment:
 
     async def issue_token(self, p: Principal, tenant_id: str, body: TokenCreate, info: RequestInfo
                           ) -> v.TokenIssued:
+        require(p, Permission.ENROLL)
+
         def tx(conn: Connection) -> v.TokenIssued:
             tenant_scope(conn, p, tenant_id)
             site = conn.execute(sa.select(t.sites.c.id, t.sites.c.tenant_id).where(t.sites.c.id == body.site_id)
@@ -94,6 +99,8 @@ class Enrollment:
                 await self.lockouts.record_failure(source, Credential.ENROLLMENT_TOKEN, info)
             raise
         self.metrics.enrollments.labels("OK").inc()
+        publish_all(self.feed, [Change(ChangeKind.AGENT, out.tenant_id, out.site_id, out.agent_id),
+                                Change(ChangeKind.SITE, out.tenant_id, out.site_id, out.site_id)])
         return out
 
     def _enroll_tx(self, conn: Connection, req: wm.EnrollRequest, csr: x509.CertificateSigningRequest,

@@ -19,12 +19,14 @@ from nkudo.cp import domain, vmcounters
 from nkudo.cp import schema as t
 from nkudo.cp.batching import Coalescer
 from nkudo.cp.config import Settings
-from nkudo.cp.domain import ActorType, AgentState, Connectivity, ExecState, PlanStatus
-from nkudo.cp.ports import Clock, Metrics, Transactions
+from nkudo.cp.domain import ActorType, AgentState, Connectivity, ExecState, PlanStatus, VmStateSource
+from nkudo.cp.feed import Change, ChangeKind, publish_all
+from nkudo.cp.ports import NO_FEED, Clock, Metrics, Publisher, Transactions
 from nkudo.cp.records import Actor, AgentIdentity, AgentRecord, AuditEntry
 from nkudo.cp.usecases.agentauth import HAS_WORK, authorized, load_agent
 from nkudo.cp.usecases.common import NO_REQUEST, audit, set_site_connectivity
 from nkudo.cp.usecases.console import CONSOLE_WANTED, Consoles
+from nkudo.cp.usecases.overview import VmStateWrite, record_vm_states
 from nkudo.wire import codec
 from nkudo.wire import messages as wm
 
@@ -40,8 +42,14 @@ _SEL_AGENTS_HB_PG = sa.select(*_HB_COLUMNS).where(
     _a.id == sa.any_(_B("agent_ids", type_=postgresql.ARRAY(sa.String()))))
 _HB_TOUCH = t.agents.update().where(_a.id == _B("agent_id")).values(
     last_heartbeat_at=_B("now"), heartbeat_seq=_B("seq"))
+_v = t.vms.c
+#: Issue 13: the stored states of the VMs a heartbeat reports, so only real changes go to their history.
+_SEL_VM_STATES = sa.select(_v.vm_id, _v.state).where(
+    _v.site_id == _B("site_id"), _v.vm_id.in_(_B("vm_ids", expanding=True)))
+_SEL_VM_STATES_PG = sa.select(_v.vm_id, _v.state).where(
+    _v.site_id == _B("site_id"), _v.vm_id == sa.any_(_B("vm_ids", type_=postgresql.ARRAY(sa.String()))))
 _LEASE_CANDIDATES = (
-    sa.select(_p.id)
+    sa.select(_p.id, _p.status, _p.leased_by_agent_id)  # status, holder: is this lease news (issue 13)?
     .where(_p.site_id == _B("site_id"),
            sa.or_(_p.status == PlanStatus.PENDING.value, _p.status == PlanStatus.IN_PROGRESS.value),
            sa.or_(_p.leased_by_agent_id.is_(None), _p.leased_by_agent_id == _B("me"), _p.lease_expires_at < _B("now")))
@@ -75,8 +83,9 @@ def _vm_upsert(db: Transactions) -> Any:
 
 class Heartbeats:
     def __init__(self, settings: Settings, db: Transactions, metrics: Metrics, clock: Clock,
-                 consoles: Consoles | None = None) -> None:
+                 consoles: Consoles | None = None, feed: Publisher = NO_FEED) -> None:
         self.s = settings
+        self.feed = feed  # issue 13: only heartbeats that change something are announced
         self.consoles = consoles or Consoles(settings, db, clock)
         self.db = db
         self.metrics = metrics
@@ -92,6 +101,7 @@ class Heartbeats:
         self._vm_upsert = _vm_upsert(db)
         self._select_batch = _SEL_AGENTS_HB_PG if db.is_pg else _SEL_AGENTS_HB
         self._lease_candidates = _LEASE_CANDIDATES_PG if db.is_pg else _LEASE_CANDIDATES
+        self._vm_states = _SEL_VM_STATES_PG if db.is_pg else _SEL_VM_STATES
 
     async def heartbeat(self, ident: AgentIdentity, req: wm.HeartbeatRequest, vm_digest: str,
                         facts_digest: str | None) -> wm.HeartbeatResponse:
@@ -117,7 +127,9 @@ class Heartbeats:
                 self.seen[agent.id] = (self.clock.now(), req.heartbeat_seq)
             plans: list[wm.LeasedPlan] = []
         else:
-            plans = await self.db.run(self._heartbeat_tx, ident, req, vm_digest, facts_digest)
+            changes: list[Change] = []
+            plans = await self.db.run(self._heartbeat_tx, ident, req, vm_digest, facts_digest, changes)
+            publish_all(self.feed, changes)
         self.metrics.heartbeats.inc()
         resp = wm.HeartbeatResponse(next_heartbeat_seconds=self.s.heartbeat_interval, pending_plans=plans)
         if agent.console_wanted or req.consoles:  # issue 15: tails asked for / shipped (own transaction)
@@ -152,8 +164,10 @@ class Heartbeats:
         return len(seen)
 
     def _heartbeat_tx(self, conn: Connection, ident: AgentIdentity, req: wm.HeartbeatRequest, vm_digest: str,
-                      facts_digest: str | None) -> list[wm.LeasedPlan]:
+                      facts_digest: str | None, changes: list[Change] | None = None) -> list[wm.LeasedPlan]:
         now = self.clock.now()
+        changes = [] if changes is None else changes
+        changes.clear()  # a retried transaction starts over
         if self.db.is_pg:
             # Losing the last heartbeat timestamp in a crash is harmless; waiting for a WAL flush 1000x/s is not.
             conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
@@ -165,6 +179,7 @@ class Heartbeats:
         if agent.state != AgentState.ONLINE:
             values["state"] = AgentState.ONLINE
             set_site_connectivity(conn, agent.site_id, Connectivity.ONLINE)
+            changes.append(Change(ChangeKind.SITE, agent.tenant_id, agent.site_id, agent.site_id))
             audit(conn, NO_REQUEST, AuditEntry(Actor(ActorType.AGENT, agent.id), "agent.online", agent.tenant_id,
                                                "agent", agent.id), now)
         if facts_digest is not None and facts_digest != agent.facts_digest and req.host_facts is not None:
@@ -182,21 +197,25 @@ class Heartbeats:
         if vm_digest != agent.vm_digest:
             values["vm_digest"] = vm_digest
             self._sync_vms(conn, agent, req.vms, now)
+            changes.append(Change(ChangeKind.VM, agent.tenant_id, agent.site_id))  # no object: the site's VMs
         if values:
             conn.execute(t.agents.update().where(_a.id == agent.id).values(
                 last_heartbeat_at=now, heartbeat_seq=seq, **values))
+            if values.keys() - {"vm_digest"}:  # state, version or facts: the agent's row as a view shows it
+                changes.append(Change(ChangeKind.AGENT, agent.tenant_id, agent.site_id, agent.id))
         else:
             conn.execute(_HB_TOUCH, {"agent_id": agent.id, "now": now, "seq": seq})
         x = t.executions.c
         for up in req.execution_updates:
-            conn.execute(
+            if conn.execute(
                 t.executions.update()
                 .where(x.id == up.execution_id, x.agent_id == agent.id, x.site_id == agent.site_id,
                        x.state.in_([ExecState.LEASED, ExecState.RUNNING]))
                 .values(state=ExecState.RUNNING, updated_at=now, started_at=sa.func.coalesce(x.started_at, now))
-            )
+            ).rowcount:
+                changes.append(Change(ChangeKind.EXECUTION, agent.tenant_id, agent.site_id, up.execution_id))
         # A probe (`nkudo-edge verify-heartbeat`) asks not to be leased work it would never run.
-        return self._lease(conn, agent, now) if agent.has_work and req.lease else []
+        return self._lease(conn, agent, now, changes) if agent.has_work and req.lease else []
 
     def _sync_vms(self, conn: Connection, agent: AgentRecord, vms: list[wm.VMSummary], now: dt.datetime) -> None:
         """Upsert the VMs an agent reports, keyed by (agent's site, vm id): no agent can touch another site's VM."""
@@ -205,15 +224,26 @@ class Heartbeats:
         rows = [{"site_id": agent.site_id, "vm_id": v.vm_id, "tenant_id": agent.tenant_id, "host_id": agent.host_id,
                  "name": v.name or v.vm_id, "state": v.state, "vcpus": v.vcpus, "memory_mib": v.memory_mib,
                  "updated_at": now, "last_transition_at": now} for v in vms]
+        # Issue 13: history of the states that changed (one indexed read; runs only when the VM digest moved).
+        stored = dict(conn.execute(self._vm_states, {"site_id": agent.site_id, "vm_ids": [v.vm_id for v in vms]}).all())
+        record_vm_states(conn, [
+            VmStateWrite(agent.tenant_id, agent.site_id, vm_id, state, prev, VmStateSource.HEARTBEAT)
+            for vm_id, state, prev in domain.vm_state_changes(stored, ((v.vm_id, v.state.value) for v in vms))], now)
         conn.execute(self._vm_upsert, rows)
 
-    def _lease(self, conn: Connection, agent: AgentRecord, now: dt.datetime) -> list[wm.LeasedPlan]:
+    def _lease(self, conn: Connection, agent: AgentRecord, now: dt.datetime,
+               changes: list[Change] | None = None) -> list[wm.LeasedPlan]:
         """Lease up to N plans of the agent's site to it: its own leases first (renewed), then free or expired ones."""
         x = t.executions.c
-        ids = [r[0] for r in conn.execute(self._lease_candidates, {
-            "site_id": agent.site_id, "me": agent.id, "me2": agent.id, "now": now, "lim": self.s.max_plans_per_lease})]
+        found = conn.execute(self._lease_candidates, {
+            "site_id": agent.site_id, "me": agent.id, "me2": agent.id, "now": now, "lim": self.s.max_plans_per_lease}
+        ).all()
+        ids = [r[0] for r in found]
         if not ids:
             return []
+        if changes is not None:  # a renewal of this agent's own lease is not news; a new holder or start is
+            changes.extend(Change(ChangeKind.PLAN, agent.tenant_id, agent.site_id, r[0], r[0]) for r in found
+                           if r[1] == PlanStatus.PENDING or r[2] != agent.id)
         until = now + dt.timedelta(seconds=self.s.lease_ttl)
         conn.execute(t.plans.update().where(_p.id.in_(ids)).values(
             leased_by_agent_id=agent.id, lease_expires_at=until, updated_at=now,
@@ -238,8 +268,13 @@ class Heartbeats:
                 for i, acts in by_plan.items() if acts]
 
     async def next_plans(self, ident: AgentIdentity) -> wm.PlansNextResponse:
+        changes: list[Change] = []
+
         def tx(conn: Connection) -> list[wm.LeasedPlan]:
             now = self.clock.now()
-            return self._lease(conn, load_agent(conn, ident, now), now)
+            changes.clear()  # a retried transaction starts over
+            return self._lease(conn, load_agent(conn, ident, now), now, changes)
 
-        return wm.PlansNextResponse(plans=await self.db.run(tx))
+        plans = await self.db.run(tx)
+        publish_all(self.feed, changes)
+        return wm.PlansNextResponse(plans=plans)

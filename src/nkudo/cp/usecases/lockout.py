@@ -25,7 +25,7 @@ from nkudo.log import get_logger
 log = get_logger("cp.lockout")
 
 _WHAT = {Credential.ADMIN_KEY: "admin-key", Credential.API_KEY: "API-key",
-         Credential.ENROLLMENT_TOKEN: "enrollment-token"}
+         Credential.ENROLLMENT_TOKEN: "enrollment-token", Credential.PASSWORD: "password"}
 
 
 class LockedOut(TooManyRequests):

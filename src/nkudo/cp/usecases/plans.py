@@ -13,13 +13,15 @@ from nkudo.cp import domain
 from nkudo.cp import schema as t
 from nkudo.cp import views as v
 from nkudo.cp.config import Settings
-from nkudo.cp.domain import ExecState, PlanStatus
+from nkudo.cp.domain import ExecState, Permission, PlanStatus
 from nkudo.cp.errors import Conflict, NotFound
+from nkudo.cp.feed import Change, ChangeKind
 from nkudo.cp.models import PlanCreate
-from nkudo.cp.ports import Clock, Transactions
+from nkudo.cp.paging import DEFAULT_LIMIT, PageKind, after, check_limit, cut
+from nkudo.cp.ports import NO_FEED, Clock, Publisher, Transactions
 from nkudo.cp.records import ActionSpec, AuditEntry, Principal, RequestInfo, Scope, iso, stamp
 from nkudo.cp.usecases import quotas
-from nkudo.cp.usecases.common import audit, new_id, rollup, site_scope
+from nkudo.cp.usecases.common import audit, new_id, ordering, require, rollup, seek, site_scope
 from nkudo.wire import actions as wa
 from nkudo.wire import codec
 from nkudo.wire.vocab import ActionType
@@ -84,17 +86,26 @@ def plan_scope(conn: Connection, p: Principal, plan_id: str) -> Scope:
 
 
 class Plans:
-    def __init__(self, settings: Settings, db: Transactions, clock: Clock) -> None:
+    def __init__(self, settings: Settings, db: Transactions, clock: Clock, feed: Publisher = NO_FEED) -> None:
         self.s = settings
         self.db = db
         self.clock = clock
+        self.feed = feed  # issue 13: live views learn of submitted and cancelled plans
+
+    def _announce(self, plan: v.PlanView) -> v.PlanView:
+        """Publish a committed plan change (its executions changed with it)."""
+        if not plan.deduplicated:
+            self.feed.publish(Change(ChangeKind.PLAN, plan.tenant_id, plan.site_id, plan.plan_id, plan.plan_id))
+        return plan
 
     async def create_plan(self, p: Principal, site_id: str, body: PlanCreate, info: RequestInfo
                           ) -> v.PlanView:
+        require(p, Permission.OPERATE)
         actions = validate_plan(body)
         digest = request_digest(site_id, actions)
         try:
-            return await self.db.run(self._create_plan_tx, p, site_id, body.idempotency_key, actions, digest, info)
+            return self._announce(
+                await self.db.run(self._create_plan_tx, p, site_id, body.idempotency_key, actions, digest, info))
         except sa.exc.IntegrityError:
             # A concurrent request (maybe on another replica) created the plan for this key first: return it.
             return await self.db.run(self._create_plan_tx, p, site_id, body.idempotency_key, actions, digest, info)
@@ -133,6 +144,31 @@ class Plans:
                                      {"site_id": site.id, "actions": [a.type for a in actions]}), now)
         return plan_view(conn, plan_id, deduplicated=False)
 
+    async def list_plans(self, p: Principal, site_id: str, *, limit: int = DEFAULT_LIMIT, cursor: str | None = None,
+                         status: PlanStatus | None = None) -> v.PlanList:
+        """A page of the site's plans, newest first, without their executions (issue 13: the plans page)."""
+        check_limit(limit)
+        key = after(PageKind.PLANS, cursor)
+
+        def tx(conn: Connection) -> v.PlanList:
+            site_scope(conn, p, site_id)
+            pl, x = t.plans.c, t.executions.c
+            actions = sa.select(sa.func.count()).where(x.plan_id == pl.id).scalar_subquery()
+            order = [(pl.created_at, True), (pl.id, False)]
+            q = sa.select(t.plans, actions.label("actions")).where(pl.site_id == site_id, seek(order, key))
+            if status is not None:
+                q = q.where(pl.status == status.value)
+            found = conn.execute(q.order_by(*ordering(order)).limit(limit + 1)).all()
+            rows, nxt = cut(PageKind.PLANS, found, limit, lambda r: (r.created_at, r.id))
+            return v.PlanList(next=nxt, plans=[v.PlanSummaryView(
+                plan_id=r.id, tenant_id=r.tenant_id, site_id=r.site_id, idempotency_key=r.idempotency_key,
+                plan_status=r.status, actions=r.actions, created_at=stamp(r.created_at),
+                updated_at=stamp(r.updated_at), completed_at=iso(r.completed_at),
+                leased_by_agent_id=r.leased_by_agent_id, lease_expires_at=iso(r.lease_expires_at),
+            ) for r in rows])
+
+        return await self.db.run(tx)
+
     async def get_plan(self, p: Principal, plan_id: str) -> v.PlanView:
         def tx(conn: Connection) -> v.PlanView:
             plan_scope(conn, p, plan_id)
@@ -141,6 +177,8 @@ class Plans:
         return await self.db.run(tx)
 
     async def cancel_plan(self, p: Principal, plan_id: str, info: RequestInfo) -> v.PlanView:
+        require(p, Permission.OPERATE)
+
         def tx(conn: Connection) -> v.PlanView:
             now = self.clock.now()
             plan = plan_scope(conn, p, plan_id)
@@ -154,4 +192,4 @@ class Plans:
             audit(conn, info, AuditEntry(p.actor, "plan.cancel", plan.tenant_id, "plan", plan_id), now)
             return plan_view(conn, plan_id)
 
-        return await self.db.run(tx)
+        return self._announce(await self.db.run(tx))

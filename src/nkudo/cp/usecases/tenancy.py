@@ -9,13 +9,13 @@ from sqlalchemy.engine import Connection, Row
 
 from nkudo.cp import schema as t
 from nkudo.cp import views as v
-from nkudo.cp.domain import Connectivity
+from nkudo.cp.domain import Connectivity, Permission
 from nkudo.cp.errors import Conflict
 from nkudo.cp.models import SiteCreate, TenantCreate
 from nkudo.cp.ports import Clock, Transactions
 from nkudo.cp.records import AuditEntry, Principal, RequestInfo, stamp
 from nkudo.cp.usecases import quotas
-from nkudo.cp.usecases.common import audit, new_id, require_admin, tenant_scope
+from nkudo.cp.usecases.common import audit, new_id, require, require_admin, tenant_scope
 
 
 def tenant_view(r: Row[Any]) -> v.TenantView:
@@ -57,6 +57,8 @@ class Tenancy:
 
     async def create_site(self, p: Principal, tenant_id: str, body: SiteCreate, info: RequestInfo
                           ) -> v.SiteView:
+        require(p, Permission.MANAGE)
+
         def tx(conn: Connection) -> v.SiteView:
             tenant_scope(conn, p, tenant_id)
             quotas.check_sites(conn, tenant_id)  # issue 12: max_sites
