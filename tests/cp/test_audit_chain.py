@@ -25,6 +25,7 @@ from nkudo.cp import schema as t
 from nkudo.cp.db import Database, sqlite_url
 from nkudo.cp.domain import ActorType, PrincipalKind
 from nkudo.cp.metrics import Metrics
+from nkudo.cp.ports import SystemClock
 from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo
 from nkudo.cp.usecases.audit import AuditLog
 from nkudo.cp.usecases.common import audit
@@ -539,3 +540,32 @@ def test_a_stopped_server_leaves_every_event_signed(tmp_path: Path) -> None:
     assert out.returncode == 1, out.stdout + out.stderr
     first = json.loads(out.stdout)["first_broken"]
     assert (first["chain"], first["reason"]) == (tenant.tenant_id, "checkpoint_signature_invalid")
+
+
+def test_members_see_their_chain_as_the_periodic_verification_last_found_it(db: Database) -> None:
+    """Issue 13 (audit page): anyone who may read a tenant sees its chain's last verification, without running
+    one; nothing before the first, a break once a verification found it, and another tenant's chain never."""
+    from nkudo.cp.errors import NotFound
+
+    log, tenancy = _log(db), Tenancy(db, SystemClock())
+    admin = Principal(PrincipalKind.ADMIN)
+    tid = str(asyncio.run(tenancy.create_tenant(admin, models.TenantCreate(slug="chain-a", name="a"), RequestInfo())).id)
+    other = str(asyncio.run(tenancy.create_tenant(admin, models.TenantCreate(slug="chain-b", name="b"),
+                                                  RequestInfo())).id)
+    _fill(log, tid, 4)
+    member = Principal(PrincipalKind.API_KEY, tenant_id=tid, key_id="k")
+    assert asyncio.run(log.chain_status(member, tid)) is None  # not verified yet
+
+    _verify(log)  # what the server's periodic verifier does
+    seen = asyncio.run(log.chain_status(member, tid))
+    assert seen is not None and seen.valid and [c.chain for c in seen.chains] == [tid]
+    assert seen.total == 5  # the tenant's creation event and the four recorded
+    with pytest.raises(NotFound):
+        asyncio.run(log.chain_status(Principal(PrincipalKind.API_KEY, tenant_id=other, key_id="k2"), tid))
+
+    _sql(db, t.audit_events.update().where(E.chain == tid, E.seq == 3).values(action="tampered"))
+    assert asyncio.run(log.chain_status(member, tid)).valid  # the last verification still stands ...
+    _verify(log)
+    broken = asyncio.run(log.chain_status(member, tid))  # ... until the next one finds the break
+    assert broken is not None and not broken.valid and broken.first_broken is not None
+    assert broken.first_broken.seq == 3

@@ -172,6 +172,9 @@ class AuditLog:
         #: The newest checkpoint this process signed per chain. Kept outside the database so that deleting
         #: checkpoint rows and then rewriting history consistently still fails here (verify, next signing).
         self._signed: dict[str, ac.Checkpoint] = {}
+        #: The last verification of every chain (the server's periodic verifier): what a tenant's members see
+        #: of their chain without reading it again on each page view (issue 13's audit page).
+        self.last_report: v.AuditVerifyReport | None = None
 
     def use_keys(self, signer: ac.Signer | None, verifier: ac.Verifier | None = None) -> None:
         """Install the audit key once the server has loaded it (the facade is built before)."""
@@ -244,6 +247,20 @@ class AuditLog:
         require_admin(p)
         return await self.verify_chains(tenant_id)
 
+    async def chain_status(self, p: Principal, tenant_id: str) -> v.AuditVerifyReport | None:
+        """The tenant's chain as this process last verified it (every chain, periodically), for anyone who may
+        read the tenant: the result of a verification, not a new one; None before the first has run."""
+        await self.db.run(lambda conn: tenant_scope(conn, p, tenant_id))
+        last = self.last_report
+        if last is None:
+            return None
+        chains = [c for c in last.chains if c.chain == tenant_id]
+        if not chains:  # the tenant's first events came after that verification
+            return None
+        broken = next((c.broken for c in chains if c.broken is not None), None)
+        return v.AuditVerifyReport(valid=broken is None, total=sum(c.events for c in chains), chains=chains,
+                                   first_broken=broken, verified_at=last.verified_at)
+
     async def verify_chains(self, chain: str | None = None) -> v.AuditVerifyReport:
         """Verify every chain (``chain=None``, which also updates the metrics) or one."""
         results = [await self._verify_one(c) for c in await self._chains(chain)]
@@ -254,6 +271,8 @@ class AuditLog:
         total = sum(r.events for r in results)
         report = v.AuditVerifyReport(valid=first is None, total=total, chains=chains, first_broken=first,
                                      verified_at=stamp(self.clock.now()))
+        if chain is None:
+            self.last_report = report
         if chain is None and self.metrics is not None:
             m = self.metrics
             m.audit_valid.set(1 if report.valid else 0)

@@ -28,6 +28,7 @@ from nkudo.cp.web import (
     site_pages,
     vm_pages,
 )
+from nkudo.cp.web.renders import SharedRenders
 from nkudo.cp.web.security import CP_KEY, add_security_headers, ui_middleware
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -123,6 +124,7 @@ def environment(app: web.Application) -> jinja2.Environment:
 def build_ui(cp: ControlPlane) -> web.Application:
     app = web.Application(middlewares=[ui_middleware])
     app[CP_KEY] = cp
+    app[overview_pages.RENDERS_KEY] = SharedRenders()
     environment(app)
     app.on_response_prepare.append(add_security_headers)
     app.router.add_static("/static/", STATIC, name="static", follow_symlinks=False)

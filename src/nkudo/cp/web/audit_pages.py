@@ -59,7 +59,8 @@ async def _values(request: web.Request, pg: Page, report: v.AuditVerifyReport | 
 
 async def audit_page(request: web.Request) -> web.StreamResponse:
     pg = await page(request)
-    status, values = await _values(request, pg)
+    # The server's last periodic verification of this tenant's chain (anyone who may read the tenant).
+    status, values = await _values(request, pg, await pg.cp.audit.chain_status(pg.principal, pg.tenant_id))
     return render(request, "audit.html", pg, status=status, **values)
 
 

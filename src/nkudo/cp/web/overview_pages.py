@@ -3,7 +3,9 @@
 Why the live overview re-renders the whole fragment instead of patching counters: the overview is a handful
 of aggregate statements (``cp.overview.tenant_overview``), cheap enough to re-run per burst of changes, and
 a full fragment can never drift from what a reload would show. Bursts (a heartbeat round of 500 agents) are
-coalesced: one render per ``DEBOUNCE`` seconds per open page, whatever the number of changes.
+coalesced: at most one render per ``DEBOUNCE`` seconds per open page, whatever the number of changes, and
+open pages that show the same thing share it (``renders.SharedRenders``): one render per burst per tenant
+and kind of viewer, whatever the number of browsers.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
+from nkudo.cp.domain import Permission
 from nkudo.cp.feed import Change, ChangeKind
 from nkudo.cp.web.context import Page, Route, page, render, see_other, session, session_check
+from nkudo.cp.web.renders import SharedRenders
 from nkudo.cp.web.sse import SseEvent, sse_stream
+
+#: The UI application's shared renders (one per application: a replica shares among its own browsers).
+RENDERS_KEY = web.AppKey("nkudo.ui.renders", SharedRenders)
 
 #: Changes that can move a number on the overview (RESYNC: the subscriber missed some, re-render anyway).
 LIVE_KINDS = frozenset({ChangeKind.AGENT, ChangeKind.SITE, ChangeKind.VM, ChangeKind.PLAN, ChangeKind.RESYNC})
@@ -52,15 +59,22 @@ async def overview_events(request: web.Request) -> web.StreamResponse:
     pg = await page(request)
     sub = pg.cp.feed.subscribe(pg.tenant_id)
 
+    shared = request.config_dict[RENDERS_KEY]
+    # Who sees the same fragment: the tenant, and what the viewer may do (the fragment offers "enroll a host").
+    key = ("overview", pg.tenant_id, pg.principal.kind, pg.principal.role, pg.can(Permission.ENROLL))
+
+    async def make() -> str:
+        return aiohttp_jinja2.render_string("overview_live.html", request,
+                                            {"request": request, "page": pg, **await _values(pg)})
+
     async def fragment(change: Change) -> list[SseEvent]:
         if change.kind not in LIVE_KINDS:
             return []
+        since = asyncio.get_running_loop().time()  # the change has committed: any render from now on shows it
         await asyncio.sleep(DEBOUNCE)
         while sub.get_nowait() is not None:  # coalesce the burst: one render covers them all
             pass
-        html = aiohttp_jinja2.render_string("overview_live.html", request,
-                                            {"request": request, "page": pg, **await _values(pg)})
-        return [SseEvent("overview", html)]
+        return [SseEvent("overview", await shared.get(key, since, make))]
 
     return await sse_stream(request, sub, fragment, still_allowed=session_check(request, pg))
 
