@@ -414,9 +414,11 @@ def test_change_on_one_replica_reaches_a_subscriber_on_another(pg_cluster: Any, 
             await asyncio.wait_for(asyncio.gather(b1.listening.wait(), b2.listening.wait()), 10)
             tenant = await cp1.tenancy.create_tenant(admin, TenantCreate(slug="t-" + uuid.uuid4().hex[:8],
                                                                          name="t"), info)
-            site = await cp1.tenancy.create_site(admin, tenant.id, SiteCreate(name="s1"), info)
             async with cp2.feed.subscribe(tenant.id) as far, cp1.feed.subscribe(tenant.id) as near, \
                     cp2.feed.subscribe("someone-else") as stranger:
+                site = await cp1.tenancy.create_site(admin, tenant.id, SiteCreate(name="s1"), info)
+                created = Change(ChangeKind.SITE, tenant.id, site.id, site.id)
+                assert await asyncio.wait_for(anext(far), 10) == created and near.get_nowait() == created
                 plan = await cp1.plans.create_plan(admin, site.id, msgspec.convert(
                     {"idempotency_key": "k1", "actions": [create_action("vm-1")]}, PlanCreate), info)
                 want = Change(ChangeKind.PLAN, tenant.id, site.id, plan.plan_id, plan.plan_id)
@@ -424,7 +426,7 @@ def test_change_on_one_replica_reaches_a_subscriber_on_another(pg_cluster: Any, 
                 assert near.get_nowait() == want
                 await asyncio.sleep(0.5)  # anything more (an echo, a duplicate) would have arrived by now
                 assert far.get_nowait() is None and near.get_nowait() is None and stranger.get_nowait() is None
-                assert b1.received == 0 and b2.received == 1
+                assert b1.received == 0 and b2.received == 2  # the site, then the plan
 
                 # The listeners' connections die: each replica reconnects and tells its subscribers to
                 # re-render (notices sent meanwhile are lost), then changes flow again.
@@ -448,3 +450,28 @@ def test_change_on_one_replica_reaches_a_subscriber_on_another(pg_cluster: Any, 
     finally:
         cp1.db.close()
         cp2.db.close()
+
+
+def test_a_new_site_is_announced_to_its_tenant_after_commit(tmp_path: Path) -> None:
+    """An open overview lists a site created after it was loaded: site creation publishes SITE (only when it
+    committed: a refused duplicate announces nothing)."""
+    from nkudo.cp.db import sqlite_url
+    from nkudo.cp.errors import Conflict
+
+    (tmp_path / "db").mkdir(mode=0o700)
+    cp = _control_plane(sqlite_url(tmp_path / "db"), tmp_path / "cp")
+    admin, info = Principal(kind=PrincipalKind.ADMIN), RequestInfo()
+
+    async def go() -> None:
+        tenant = await cp.tenancy.create_tenant(admin, TenantCreate(slug="site-feed", name="t"), info)
+        async with cp.feed.subscribe(tenant.id) as sub, cp.feed.subscribe("someone-else") as stranger:
+            site = await cp.tenancy.create_site(admin, tenant.id, SiteCreate(name="s1"), info)
+            assert sub.get_nowait() == Change(ChangeKind.SITE, tenant.id, site.id, site.id)
+            with pytest.raises(Conflict):
+                await cp.tenancy.create_site(admin, tenant.id, SiteCreate(name="s1"), info)
+            assert sub.get_nowait() is None and stranger.get_nowait() is None
+
+    try:
+        asyncio.run(go())
+    finally:
+        cp.db.close()

@@ -57,6 +57,9 @@ class Metrics:
         self.lockout_refusals = Counter("nkudo_cp_lockout_refusals_total",
                                         "Requests refused because their source is locked out, by credential type",
                                         ["credential"], registry=r)
+        self.ui_live_renders = Counter("nkudo_cp_ui_live_renders_total",
+                                       "Dashboard live-view renders by view; browsers showing the same view share "
+                                       "one render per change burst", ["view"], registry=r)
         self._rate_children: dict[tuple[str, bool], Counter] = {}
 
     def rate_limited(self, route_class: str, allowed: bool) -> None:

@@ -63,7 +63,7 @@ class ControlPlane:
         self.lockouts = Lockouts(settings.lockout, db, self.metrics, c)  # issue 12: failed-authentication lock-out
         self.access = Access(db, c, admin_key, settings.metrics_token, self.lockouts)
         self.accounts = Accounts(settings, db, c, self.lockouts)  # issue 13: dashboard users and sessions
-        self.tenancy = Tenancy(db, c)
+        self.tenancy = Tenancy(db, c, feed=f)
         self.enrollment = Enrollment(settings, db, ca, self.metrics, c, self.lockouts, feed=f)
         self.credentials = AgentCredentials(settings, db, ca, c, feed=f)
         self.consoles = Consoles(settings, db, c)

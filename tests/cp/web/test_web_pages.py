@@ -7,6 +7,7 @@ import html
 import json
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -334,6 +335,55 @@ def test_site_stream_rerenders_after_a_heartbeat_changes_a_vm(dashboard: Dashboa
         assert "badge-crashed" in got["vms"]  # rendered with the page's filter (state=CRASHED)
     finally:
         stream.close()
+
+
+def test_site_streams_of_two_viewers_share_a_render_that_carries_neither_ones_token(dashboard: Dashboard,
+                                                                                    tmp_path: Path) -> None:
+    """Two viewers on the same site view get the same fragments from one shared render (web/renders.py: the
+    render metric moves by one for the two streams), and what is shared holds nothing of either viewer: neither
+    CSRF token appears in it."""
+    admin = dashboard.server.client(admin=True)
+
+    def site_renders() -> float:
+        st, _, body = admin.raw("GET", "/metrics")
+        assert st == 200
+        m = re.search(r'^nkudo_cp_ui_live_renders_total\{view="site"\} ([0-9.e+]+)$', body.decode(), re.M)
+        return float(m.group(1)) if m else 0.0
+
+    t = dashboard.tenant()
+    agent = enrolled(dashboard, t, tmp_path, [vm("vm-1")])
+    viewers = [signed_in(dashboard, t, "viewer") for _ in range(2)]
+    tokens = []
+    for b in viewers:
+        b.get(f"/ui/t/{t.tenant_id}/sites/{t.site_id}")
+        tokens.append(b.csrf())
+    streams = [b.stream(f"/ui/t/{t.tenant_id}/events/sites/{t.site_id}") for b in viewers]
+    got: dict[int, dict[str, str]] = {}
+
+    def reader(i: int) -> None:
+        try:
+            got[i] = {name: read_until(streams[i], name, needle)
+                      for name, needle in (("site-status", ""), ("site-agents", ""), ("site-vms", "vm-1"))}
+        except Exception as exc:  # reported by the assertion below
+            got[i] = {"error": repr(exc)}
+
+    threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(2)]
+    try:
+        for th in threads:
+            th.start()
+        time.sleep(0.3)  # both subscribed before the change
+        before = site_renders()
+        agent.heartbeat(heartbeat_seq=2, vms=[vm("vm-1", "CRASHED")])
+        for th in threads:
+            th.join(15)
+        assert set(got) == {0, 1} and "error" not in got[0] and "error" not in got[1], got
+        assert got[0] == got[1]
+        assert site_renders() - before == 1  # one render served both streams
+        for html in got[0].values():
+            assert tokens[0] not in html and tokens[1] not in html
+    finally:
+        for st in streams:
+            st.close()
 
 
 # --- scoping, escaping, audit ------------------------------------------------------------------------------------

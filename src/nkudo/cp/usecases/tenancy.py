@@ -11,8 +11,9 @@ from nkudo.cp import schema as t
 from nkudo.cp import views as v
 from nkudo.cp.domain import Connectivity, Permission
 from nkudo.cp.errors import Conflict
+from nkudo.cp.feed import Change, ChangeKind
 from nkudo.cp.models import SiteCreate, TenantCreate
-from nkudo.cp.ports import Clock, Transactions
+from nkudo.cp.ports import NO_FEED, Clock, Publisher, Transactions
 from nkudo.cp.records import AuditEntry, Principal, RequestInfo, stamp
 from nkudo.cp.usecases import quotas
 from nkudo.cp.usecases.common import audit, new_id, require, require_admin, tenant_scope
@@ -28,9 +29,10 @@ def site_view(r: Row[Any]) -> v.SiteView:
 
 
 class Tenancy:
-    def __init__(self, db: Transactions, clock: Clock) -> None:
+    def __init__(self, db: Transactions, clock: Clock, feed: Publisher = NO_FEED) -> None:
         self.db = db
         self.clock = clock
+        self.feed = feed
 
     async def create_tenant(self, p: Principal, body: TenantCreate, info: RequestInfo) -> v.TenantView:
         require_admin(p)
@@ -73,7 +75,9 @@ class Tenancy:
             audit(conn, info, AuditEntry(p.actor, "site.create", tenant_id, "site", sid, {"name": body.name}), now)
             return site_view(conn.execute(sa.select(t.sites).where(s.id == sid)).one())
 
-        return await self.db.run(tx)
+        site = await self.db.run(tx)
+        self.feed.publish(Change(ChangeKind.SITE, tenant_id, site.id, site.id))  # committed: open overviews list it
+        return site
 
     async def list_sites(self, p: Principal, tenant_id: str) -> v.SiteList:
         def tx(conn: Connection) -> v.SiteList:

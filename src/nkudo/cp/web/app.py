@@ -28,7 +28,7 @@ from nkudo.cp.web import (
     site_pages,
     vm_pages,
 )
-from nkudo.cp.web.renders import SharedRenders
+from nkudo.cp.web.renders import RENDERS_KEY, SharedRenders
 from nkudo.cp.web.security import CP_KEY, add_security_headers, ui_middleware
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -124,7 +124,9 @@ def environment(app: web.Application) -> jinja2.Environment:
 def build_ui(cp: ControlPlane) -> web.Application:
     app = web.Application(middlewares=[ui_middleware])
     app[CP_KEY] = cp
-    app[overview_pages.RENDERS_KEY] = SharedRenders()
+    # Keys start with the view's name ("overview", "site"): the metric counts renders per view.
+    app[RENDERS_KEY] = SharedRenders(lambda key: cp.metrics.ui_live_renders.labels(str(key[0])).inc()
+                                     if isinstance(key, tuple) else None)
     environment(app)
     app.on_response_prepare.append(add_security_headers)
     app.router.add_static("/static/", STATIC, name="static", follow_symlinks=False)

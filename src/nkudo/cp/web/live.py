@@ -23,6 +23,7 @@ from nkudo.cp.feed import Change, ChangeKind, Subscription
 from nkudo.cp.web.context import Page, Route, page, path_uuid, session_check
 from nkudo.cp.web.execution_pages import execution_of, execution_values
 from nkudo.cp.web.plan_pages import plan_of, plan_values
+from nkudo.cp.web.renders import RENDERS_KEY
 from nkudo.cp.web.site_pages import site_of, site_values
 from nkudo.cp.web.sse import SseEvent, sse_stream
 
@@ -44,10 +45,13 @@ async def coalesce(sub: Subscription, first: Change, wanted: Callable[[Change], 
     return hit
 
 
-def fragment(request: web.Request, pg: Page, template: str, values: Mapping[str, object]) -> str:
-    """A fragment rendered with what ``render`` gives a page (autoescaped, same template as the page's)."""
+def fragment(request: web.Request, pg: Page, template: str, values: Mapping[str, object], *, csrf: bool = True
+             ) -> str:
+    """A fragment rendered with what ``render`` gives a page (autoescaped, same template as the page's);
+    ``csrf=False`` for one shared between viewers (an empty token: a form in it would be refused)."""
     return aiohttp_jinja2.render_string(template, request, {"request": request, "page": pg, "csrf_token":
-                                                            pg.csrf_token, "Permission": Permission, **values})
+                                                            pg.csrf_token if csrf else "", "Permission": Permission,
+                                                            **values})
 
 
 def _ending(check: Callable[[], Awaitable[bool]], ended: list[bool]) -> Callable[[], Awaitable[bool]]:
@@ -65,13 +69,21 @@ async def site_events(request: web.Request) -> web.StreamResponse:
     site_id = path_uuid(request, "site_id")
     await site_of(pg, site_id)  # 404 before subscribing
     sub = pg.cp.feed.subscribe(pg.tenant_id, site_id)
+    shared = request.config_dict[RENDERS_KEY]
+    # Browsers with the same site, filters and kind of viewer share one render per burst (web/renders.py);
+    # the fragments carry no CSRF token and nothing else of the viewer.
+    key = ("site", pg.tenant_id, site_id, pg.principal.kind, pg.principal.role, tuple(sorted(request.query.items())))
+
+    async def make() -> list[tuple[str, str]]:
+        values = await site_values(pg, site_id, request)
+        return [(name, fragment(request, pg, f"_{name.replace('-', '_')}.html", values, csrf=False))
+                for name in ("site-status", "site-agents", "site-vms")]
 
     async def render(change: Change) -> list[SseEvent]:
+        since = asyncio.get_running_loop().time()
         if not await coalesce(sub, change, lambda c: c.kind in SITE_KINDS):
             return []
-        values = await site_values(pg, site_id, request)
-        return [SseEvent(name, fragment(request, pg, f"_{name.replace('-', '_')}.html", values))
-                for name in ("site-status", "site-agents", "site-vms")]
+        return [SseEvent(name, html) for name, html in await shared.get(key, since, make)]
 
     return await sse_stream(request, sub, render, still_allowed=session_check(request, pg))
 

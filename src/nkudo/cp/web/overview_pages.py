@@ -19,11 +19,8 @@ from aiohttp import web
 from nkudo.cp.domain import Permission
 from nkudo.cp.feed import Change, ChangeKind
 from nkudo.cp.web.context import Page, Route, page, render, see_other, session, session_check
-from nkudo.cp.web.renders import SharedRenders
+from nkudo.cp.web.renders import RENDERS_KEY
 from nkudo.cp.web.sse import SseEvent, sse_stream
-
-#: The UI application's shared renders (one per application: a replica shares among its own browsers).
-RENDERS_KEY = web.AppKey("nkudo.ui.renders", SharedRenders)
 
 #: Changes that can move a number on the overview (RESYNC: the subscriber missed some, re-render anyway).
 LIVE_KINDS = frozenset({ChangeKind.AGENT, ChangeKind.SITE, ChangeKind.VM, ChangeKind.PLAN, ChangeKind.RESYNC})
