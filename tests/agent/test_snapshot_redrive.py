@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,6 +70,26 @@ def test_snapshot_redrive_after_crash_mid_snapshot(rig: tuple[Path, Path]) -> No
         agent.close()
 
 
+def _interrupted_after_the_vmm_snapshot(agent: Any, root: Path, images: Path, *, marker: bool
+                                       ) -> tuple[Any, Path, Path, ChClient]:
+    """vm-1 created, then what a SIGKILL leaves once the VMM finished a snapshot: the intent recorded, the VM
+    paused, the VMM's complete files in the staging directory (with the done marker when ``marker``)."""
+    assert agent.executor.run_plan(_create(images))[0].ok
+    _, (snap,) = parse_plan({"actions": [{"action_id": "s1", "type": "MicroVMSnapshot",
+                                          "params": {"vm_id": "vm-1", "snapshot_name": "s"}}]})
+    parent = root / "n" / "vm-1"
+    parent.mkdir(parents=True)
+    (parent / ".intent-s").write_text(json.dumps({"was_running": True}))
+    staging = parent / ".partial-s"
+    staging.mkdir()
+    api = ChClient(str(root / "v" / "vm-1" / "api.sock"))
+    api.pause()
+    api.snapshot(f"file://{staging}")  # what the interrupted attempt's VMM completed
+    if marker:
+        (staging / VMM_DONE_FILE).write_bytes(b"")
+    return snap, parent, staging, api
+
+
 @pytest.mark.parametrize("marker", [True, False], ids=["killed-after-the-call", "killed-during-the-call"])
 def test_snapshot_redrive_does_not_take_the_hypervisor_snapshot_twice(rig: tuple[Path, Path],  # noqa: F811
                                                                       marker: bool) -> None:
@@ -79,19 +100,7 @@ def test_snapshot_redrive_does_not_take_the_hypervisor_snapshot_twice(rig: tuple
     root, images = rig
     agent = _agent(root, images, "--sim-journal", str(root / "journal.jsonl"))
     try:
-        assert agent.executor.run_plan(_create(images))[0].ok
-        _, (snap,) = parse_plan({"actions": [{"action_id": "s1", "type": "MicroVMSnapshot",
-                                              "params": {"vm_id": "vm-1", "snapshot_name": "s"}}]})
-        parent = root / "n" / "vm-1"
-        parent.mkdir(parents=True)
-        (parent / ".intent-s").write_text(json.dumps({"was_running": True}))
-        staging = parent / ".partial-s"
-        staging.mkdir()
-        api = ChClient(str(root / "v" / "vm-1" / "api.sock"))
-        api.pause()
-        api.snapshot(f"file://{staging}")  # what the interrupted attempt's VMM completed
-        if marker:
-            (staging / VMM_DONE_FILE).write_bytes(b"")
+        snap, parent, staging, api = _interrupted_after_the_vmm_snapshot(agent, root, images, marker=marker)
         (staging / "rootfs.img.partial").write_bytes(b"half a copy")
         agent.store.begin_action(snap.action_id, snap.params_hash, snap.type, snap.vm_id, None)
 
@@ -116,18 +125,7 @@ def test_snapshot_redrive_retakes_a_snapshot_when_the_vm_ran_in_between(rig: tup
     root, images = rig
     agent = _agent(root, images, "--sim-journal", str(root / "journal.jsonl"))
     try:
-        assert agent.executor.run_plan(_create(images))[0].ok
-        _, (snap,) = parse_plan({"actions": [{"action_id": "s1", "type": "MicroVMSnapshot",
-                                              "params": {"vm_id": "vm-1", "snapshot_name": "s"}}]})
-        parent = root / "n" / "vm-1"
-        parent.mkdir(parents=True)
-        (parent / ".intent-s").write_text(json.dumps({"was_running": True}))
-        staging = parent / ".partial-s"
-        staging.mkdir()
-        api = ChClient(str(root / "v" / "vm-1" / "api.sock"))
-        api.pause()
-        api.snapshot(f"file://{staging}")
-        (staging / VMM_DONE_FILE).write_bytes(b"")
+        snap, _, _, api = _interrupted_after_the_vmm_snapshot(agent, root, images, marker=True)
         api.resume()  # someone ran the guest again before the re-drive
         agent.store.begin_action(snap.action_id, snap.params_hash, snap.type, snap.vm_id, None)
 

@@ -93,9 +93,7 @@ def timecell(value: Stamp) -> Markup:
     v = _dt(value)
     if v is None:
         return Markup('<span class="muted">never</span>')
-    u = v.astimezone(dt.UTC)
-    return Markup('<time datetime="{}" title="{}" data-relative>{}</time>').format(
-        u.isoformat(timespec="seconds").replace("+00:00", "Z"), u.strftime("%Y-%m-%d %H:%M:%S UTC"), ago(u))
+    return Markup('<time datetime="{}" title="{}" data-relative>{}</time>').format(iso(v), when(v), ago(v))
 
 
 def badge(value: object) -> Markup:
