@@ -135,7 +135,8 @@ def spawn(
 ) -> tuple[int, int | None]:
     """Start ``path`` in a new session with the given stdio; return ``(pid, pidfd)``.
 
-    Native: clone3(CLONE_PIDFD), so the pidfd exists from the first instant.
+    Native: clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD), so the pidfd exists from
+    the first instant.
     Twin: posix_spawn then pidfd_open, race-free too because nobody can reap
     (and so free the pid of) our child before we open it. The descriptors must
     be >= 3. Raises :class:`SpawnError` (``errno``, ``stage``).
