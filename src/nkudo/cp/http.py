@@ -25,6 +25,7 @@ from nkudo.cp.domain import AgentState, ExecState, PlanStatus
 from nkudo.cp.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, Unauthenticated, status_of
 from nkudo.cp.http_limits import LIMITER_KEY, agent_identity, client_address_of, rate_limit_middleware
 from nkudo.cp.paging import DEFAULT_LIMIT, MAX_LIMIT
+from nkudo.cp.pathparams import path_uuid, vm_path_id
 from nkudo.cp.pki import parse_csr
 from nkudo.cp.ratelimit import retry_after_header
 from nkudo.cp.ratestore import RateLimiter
@@ -137,14 +138,6 @@ async def principal(request: web.Request) -> Principal:
                                         client_address_of(request), request_info(request))
 
 
-def path_id(request: web.Request, name: str) -> str:
-    """A UUID path parameter; anything else cannot exist, so it is a 404 like a foreign id."""
-    value = request.match_info[name]
-    if not _UUID.match(value):
-        raise NotFound(f"{name.removesuffix('_id')} not found", code=f"{name.removesuffix('_id').upper()}_NOT_FOUND")
-    return value
-
-
 def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -156,14 +149,6 @@ def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -
     if not lo <= v <= hi:
         raise BadRequest(f"{name} must be between {lo} and {hi}", field=name)
     return v
-
-
-def vm_path_id(request: web.Request) -> str:
-    """A VM id in the path: the wire's identifier pattern, or it cannot exist (404 like an unknown VM)."""
-    value = request.match_info["vm_id"]
-    if not _IDENT.match(value):
-        raise NotFound("VM not found", code="VM_NOT_FOUND")
-    return value
 
 
 def query_uuid(request: web.Request, name: str) -> str | None:
@@ -257,12 +242,12 @@ async def crl_der(request: web.Request) -> web.Response:
 
 async def get_quota(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].quotas.get_quota(p, path_id(request, "tenant_id")))
+    return json_response(await request.app[CP_KEY].quotas.get_quota(p, path_uuid(request, "tenant_id")))
 
 
 async def set_quota(request: web.Request) -> web.Response:
     p = await principal(request)
-    tid = path_id(request, "tenant_id")
+    tid = path_uuid(request, "tenant_id")
     body = await read_body(request, models.QuotaUpdate)
     return json_response(await request.app[CP_KEY].quotas.set_quota(p, tid, body, request_info(request)))
 
@@ -283,50 +268,50 @@ async def list_tenants(request: web.Request) -> web.Response:
 
 async def create_api_key(request: web.Request) -> web.Response:
     p = await principal(request)
-    tid = path_id(request, "tenant_id")
+    tid = path_uuid(request, "tenant_id")
     body = await read_body(request, models.ApiKeyCreate)
     return json_response(await request.app[CP_KEY].access.create_api_key(p, tid, body, request_info(request)), 201)
 
 
 async def list_api_keys(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].access.list_api_keys(p, path_id(request, "tenant_id")))
+    return json_response(await request.app[CP_KEY].access.list_api_keys(p, path_uuid(request, "tenant_id")))
 
 
 async def revoke_api_key(request: web.Request) -> web.Response:
     p = await principal(request)
-    await request.app[CP_KEY].access.revoke_api_key(p, path_id(request, "tenant_id"), path_id(request, "key_id"),
+    await request.app[CP_KEY].access.revoke_api_key(p, path_uuid(request, "tenant_id"), path_uuid(request, "key_id"),
                                              request_info(request))
     return web.Response(status=204)
 
 
 async def create_site(request: web.Request) -> web.Response:
     p = await principal(request)
-    tid = path_id(request, "tenant_id")
+    tid = path_uuid(request, "tenant_id")
     body = await read_body(request, models.SiteCreate)
     return json_response(await request.app[CP_KEY].tenancy.create_site(p, tid, body, request_info(request)), 201)
 
 
 async def list_sites(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].tenancy.list_sites(p, path_id(request, "tenant_id")))
+    return json_response(await request.app[CP_KEY].tenancy.list_sites(p, path_uuid(request, "tenant_id")))
 
 
 async def issue_token(request: web.Request) -> web.Response:
     p = await principal(request)
-    tid = path_id(request, "tenant_id")
+    tid = path_uuid(request, "tenant_id")
     body = await read_body(request, models.TokenCreate)
     return json_response(await request.app[CP_KEY].enrollment.issue_token(p, tid, body, request_info(request)), 201)
 
 
 async def list_tokens(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].enrollment.list_tokens(p, path_id(request, "tenant_id")))
+    return json_response(await request.app[CP_KEY].enrollment.list_tokens(p, path_uuid(request, "tenant_id")))
 
 
 async def list_audit(request: web.Request) -> web.Response:
     p, f = await principal(request), parse_filter(request.query, admin=False)
-    return json_response(await request.app[CP_KEY].audit.list_audit(p, path_id(request, "tenant_id"), f.limit, f))
+    return json_response(await request.app[CP_KEY].audit.list_audit(p, path_uuid(request, "tenant_id"), f.limit, f))
 
 
 async def admin_audit_events(request: web.Request) -> web.Response:
@@ -345,7 +330,7 @@ async def admin_audit_checkpoint(request: web.Request) -> web.Response:
 
 async def create_plan(request: web.Request) -> web.Response:
     p = await principal(request)
-    sid = path_id(request, "site_id")
+    sid = path_uuid(request, "site_id")
     body = await read_body(request, models.PlanCreate)
     out = await request.app[CP_KEY].plans.create_plan(p, sid, body, request_info(request))
     return json_response(out, 200 if out.deduplicated else 201)
@@ -353,30 +338,30 @@ async def create_plan(request: web.Request) -> web.Response:
 
 async def get_plan(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].plans.get_plan(p, path_id(request, "plan_id")))
+    return json_response(await request.app[CP_KEY].plans.get_plan(p, path_uuid(request, "plan_id")))
 
 
 async def cancel_plan(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].plans.cancel_plan(p, path_id(request, "plan_id"),
+    return json_response(await request.app[CP_KEY].plans.cancel_plan(p, path_uuid(request, "plan_id"),
                                                                request_info(request)))
 
 
 async def list_plans(request: web.Request) -> web.Response:
     p, (limit, cursor) = await principal(request), page_args(request)
-    sid, status = path_id(request, "site_id"), query_enum(request, "status", PlanStatus)
+    sid, status = path_uuid(request, "site_id"), query_enum(request, "status", PlanStatus)
     return json_response(await request.app[CP_KEY].plans.list_plans(p, sid, limit=limit, cursor=cursor, status=status))
 
 
 async def list_hosts(request: web.Request) -> web.Response:
     p, (limit, cursor) = await principal(request), page_args(request)
-    sid = path_id(request, "site_id")
+    sid = path_uuid(request, "site_id")
     return json_response(await request.app[CP_KEY].inventory.list_hosts(p, sid, limit=limit, cursor=cursor))
 
 
 async def list_vms(request: web.Request) -> web.Response:
     p, (limit, cursor) = await principal(request), page_args(request)
-    sid, state = path_id(request, "site_id"), query_enum(request, "state", VmStatus)
+    sid, state = path_uuid(request, "site_id"), query_enum(request, "state", VmStatus)
     return json_response(await request.app[CP_KEY].inventory.list_vms(p, sid, limit=limit, cursor=cursor, state=state))
 
 
@@ -389,30 +374,30 @@ async def vm_console(request: web.Request) -> web.Response:
 
 async def tenant_overview(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].overview.tenant_overview(p, path_id(request, "tenant_id")))
+    return json_response(await request.app[CP_KEY].overview.tenant_overview(p, path_uuid(request, "tenant_id")))
 
 
 async def site_status(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].overview.site_status(p, path_id(request, "site_id")))
+    return json_response(await request.app[CP_KEY].overview.site_status(p, path_uuid(request, "site_id")))
 
 
 async def vm_detail(request: web.Request) -> web.Response:
     p = await principal(request)
-    site_id, vm_id = path_id(request, "site_id"), vm_path_id(request)
+    site_id, vm_id = path_uuid(request, "site_id"), vm_path_id(request)
     return json_response(await request.app[CP_KEY].overview.vm_detail(p, site_id, vm_id))
 
 
 async def list_agents(request: web.Request) -> web.Response:
     p, (limit, cursor) = await principal(request), page_args(request)
-    sid, state = path_id(request, "site_id"), query_enum(request, "state", AgentState)
+    sid, state = path_uuid(request, "site_id"), query_enum(request, "state", AgentState)
     return json_response(await request.app[CP_KEY].inventory.list_agents(p, sid, limit=limit, cursor=cursor,
                                                                          state=state))
 
 
 async def list_executions(request: web.Request) -> web.Response:
     p, (limit, cursor) = await principal(request), page_args(request)
-    sid, state = path_id(request, "site_id"), query_enum(request, "state", ExecState)
+    sid, state = path_uuid(request, "site_id"), query_enum(request, "state", ExecState)
     plan_id, vm_id = query_uuid(request, "plan_id"), query_ident(request, "vm_id")
     return json_response(await request.app[CP_KEY].executions.list_executions(
         p, sid, state, limit, cursor=cursor, plan_id=plan_id, vm_id=vm_id))
@@ -420,12 +405,12 @@ async def list_executions(request: web.Request) -> web.Response:
 
 async def get_execution(request: web.Request) -> web.Response:
     p = await principal(request)
-    return json_response(await request.app[CP_KEY].executions.get_execution(p, path_id(request, "execution_id")))
+    return json_response(await request.app[CP_KEY].executions.get_execution(p, path_uuid(request, "execution_id")))
 
 
 async def execution_logs(request: web.Request) -> web.Response:
     p = await principal(request)
-    eid = path_id(request, "execution_id")
+    eid = path_uuid(request, "execution_id")
     after = query_int(request, "after_seq", -1, -1, 2**62)
     limit, cursor = page_args(request, 500)
     return json_response(await request.app[CP_KEY].executions.execution_logs(p, eid, after, limit, cursor=cursor))

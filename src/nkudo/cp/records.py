@@ -46,6 +46,12 @@ class Principal:
     role: Role | None = None
 
     @property
+    def is_admin(self) -> bool:
+        """The admin key or an admin user: what the admin-only operations (``require_admin``) accept, and
+        so what the dashboard asks before it offers one of them."""
+        return self.kind == PrincipalKind.ADMIN
+
+    @property
     def actor(self) -> Actor:
         if self.user_id is not None:
             return Actor(ActorType.USER, self.user_id)

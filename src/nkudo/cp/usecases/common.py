@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from nkudo.cp import auditchain, domain
 from nkudo.cp import schema as t
-from nkudo.cp.domain import AgentState, ExecState, PrincipalKind
+from nkudo.cp.domain import AgentState, ExecState
 from nkudo.cp.errors import Forbidden, NotFound, Unauthenticated
 from nkudo.cp.records import AuditEntry, Principal, RequestInfo, Scope
 
@@ -91,7 +91,7 @@ def require(p: Principal, perm: domain.Permission) -> None:
 
 
 def require_admin(p: Principal) -> None:
-    if p.kind != PrincipalKind.ADMIN:
+    if not p.is_admin:
         raise Unauthenticated("this operation needs the admin key", code="ADMIN_REQUIRED")
 
 

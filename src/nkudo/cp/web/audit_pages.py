@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from nkudo.cp import views as v
-from nkudo.cp.domain import ActorType, PrincipalKind
+from nkudo.cp.domain import ActorType
 from nkudo.cp.errors import BadRequest
 from nkudo.cp.usecases.audit import AuditFilter, parse_filter
 from nkudo.cp.web.context import Page, Route, check_csrf, page, render
@@ -25,8 +25,8 @@ FILTER_FIELDS = ("action", "actor_type", "object_type", "object_id", "since", "u
 
 
 def may_verify(pg: Page) -> bool:
-    """Whether to offer "Verify chain": ``audit.verify`` is for administrators (it refuses anyone else)."""
-    return pg.principal.kind == PrincipalKind.ADMIN
+    """Whether to offer "Verify chain": ``audit.verify`` accepts only what ``require_admin`` accepts."""
+    return pg.principal.is_admin
 
 
 def _filled(query: Mapping[str, str]) -> dict[str, str]:

@@ -10,7 +10,6 @@ to the session of the page, strictly).
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,8 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from nkudo.cp.domain import Permission
-from nkudo.cp.errors import BadRequest, Forbidden, NotFound
+from nkudo.cp.errors import BadRequest, Forbidden
+from nkudo.cp.pathparams import path_uuid
 from nkudo.cp.records import Principal, RequestInfo
 from nkudo.cp.service import ControlPlane
 from nkudo.cp.usecases.accounts import Membership, SessionContext
@@ -38,7 +38,6 @@ from nkudo.cp.web.security import (
     tokens_match,
 )
 from nkudo.errors import NkudoError
-from nkudo.wire import messages as wm
 
 __all__ = [
     "CP_KEY",
@@ -64,7 +63,6 @@ __all__ = [
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: (method, path under /ui, handler, route name): each page module's ``ROUTES`` lists these.
 Route = tuple[str, str, Handler, str]
-_UUID = re.compile(wm.UUID_PATTERN)
 FormData = MultiDictProxy[Any]
 
 
@@ -126,15 +124,6 @@ async def session(request: web.Request) -> SessionContext:
             raise web.HTTPNoContent(headers={"HX-Redirect": login_url(back)})  # the whole page goes to login
         raise web.HTTPSeeOther(login_url(request.path_qs))
     return ctx
-
-
-def path_uuid(request: web.Request, name: str) -> str:
-    """A UUID path parameter; anything else cannot exist, so it is the same 404 as a foreign id."""
-    value = request.match_info[name]
-    if not _UUID.match(value):
-        kind = name.removesuffix("_id")
-        raise NotFound(f"{kind} not found", code=f"{kind.upper()}_NOT_FOUND")
-    return value
 
 
 async def page(request: web.Request) -> Page:

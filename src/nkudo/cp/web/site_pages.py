@@ -14,7 +14,6 @@ them the use case has already refused it).
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -27,10 +26,8 @@ from nkudo.cp.domain import AgentState
 from nkudo.cp.errors import BadRequest, NotFound
 from nkudo.cp.web.context import Page, Route, page, path_uuid, render
 from nkudo.vmstate import VmStatus
-from nkudo.wire.actions import IDENT_PATTERN
 
 E = TypeVar("E", bound=enum.StrEnum)
-_IDENT = re.compile(IDENT_PATTERN)
 #: Rows per page of the site's VM and agent tables.
 PAGE_ROWS = 100
 
@@ -65,14 +62,6 @@ def query_enum(request: web.Request, name: str, type_: type[E]) -> E | None:
 def query_cursor(request: web.Request, name: str = "cursor") -> str | None:
     """An opaque cursor from the query (the use case decodes and checks it: 400 ``INVALID_CURSOR``)."""
     return request.query.get(name) or None
-
-
-def vm_path_id(request: web.Request) -> str:
-    """A VM id in the path: the wire's identifier pattern, or it cannot exist (404 like an unknown VM)."""
-    value = request.match_info["vm_id"]
-    if not _IDENT.match(value):
-        raise NotFound("VM not found", code="VM_NOT_FOUND")
-    return value
 
 
 def same_tenant(pg: Page, tenant_id: str, kind: str) -> None:

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from nkudo.cp.errors import BadRequest, NotFound
 from nkudo.cp.models import PlanCreate
+from nkudo.cp.pathparams import vm_path_id
 from nkudo.cp.web.context import (
     Flash,
     FormData,
@@ -36,7 +37,7 @@ from nkudo.cp.web.context import (
     render,
     see_other,
 )
-from nkudo.cp.web.site_pages import site_of, vm_path_id
+from nkudo.cp.web.site_pages import site_of
 from nkudo.errors import NkudoError
 from nkudo.wire import codec
 from nkudo.wire.vocab import ActionType
