@@ -99,7 +99,13 @@ class Provider(Protocol):
         """Whether the recorded VMM process still exists (identity-checked)."""
 
     def state(self, paths: VmPaths, *, timeout: float) -> VmStatus | None:
-        """The VM state the VMM reports, or None when the VMM does not answer."""
+        """The VM state the VMM reports, or None when the VMM does not serve its API (no socket, refused,
+        closed, or no VM in it yet).
+
+        A VMM that accepts but does not answer within ``timeout`` raises its timeout error (``is_timeout``)
+        instead: a busy or stopped VMM is not a dead one, and a caller that replaces a VMM that does not
+        serve (start, restore) must never replace one that is merely slow, with the guest in it.
+        """
 
     def boot(self, paths: VmPaths, *, timeout: float) -> None: ...
 

@@ -10,11 +10,11 @@ from nkudo import log
 from nkudo.agent.executor import Executor, Handler, Outcome
 from nkudo.agent.hostcmd import normalise_allowlist, run_command
 from nkudo.agent.network import HostNetwork
-from nkudo.agent.provider import ProcessRecord, Provider
+from nkudo.agent.provider import ProcessRecord, Provider, VmPaths
 from nkudo.agent.restore import RestoreService
 from nkudo.agent.state import StateStore, VmRecord
 from nkudo.agent.vms import NetworkPort, VmConfig, VmService
-from nkudo.errors import ValidationError
+from nkudo.errors import NkudoError, ValidationError
 from nkudo.proc.errors import AdoptionRefused, ProcessError
 from nkudo.proc.identity import ProcessIdentity, check_identity
 from nkudo.vmstate import VmStatus
@@ -129,7 +129,7 @@ class Agent:
         for vm in self.store.list_vms():
             p = self.vms.paths(vm.vm_id)
             if vm.process and self.provider.watch(vm.process):
-                state = self.provider.state(p, timeout=2.0)
+                state = self._answered_state(vm, p)
                 if state is not None and state != vm.status:
                     self.store.update_vm(vm.vm_id, status=state)
                 report["adopted"].append(vm.vm_id)
@@ -166,6 +166,17 @@ class Agent:
         if any(report.values()):
             _log.info("reconciled local state", **{k: ",".join(v) for k, v in report.items() if v})
         return report
+
+    def _answered_state(self, vm: VmRecord, p: VmPaths) -> VmStatus | None:
+        """The adopted VMM's state, or None (keep the recorded one) when it is too busy to answer now."""
+        try:
+            return self.provider.state(p, timeout=2.0)
+        except NkudoError as exc:
+            if not exc.is_timeout:
+                raise
+            _log.warn("adopted a VMM that did not answer in time; its recorded state is kept",
+                      vm_id=vm.vm_id, status=str(vm.status), error=str(exc))  # fmt: skip
+            return None
 
     def run_plan(self, doc: Any) -> tuple[str | None, list[Outcome]]:
         from nkudo.agent.plan import parse_plan

@@ -145,7 +145,9 @@ class CloudHypervisorProvider(VmmProcessProvider):
     def state(self, paths: VmPaths, *, timeout: float) -> VmStatus | None:
         try:
             info = self._client(paths).info(timeout=timeout)
-        except ChTransportError:
+        except ChTransportError as exc:
+            if exc.is_timeout:
+                raise  # a busy VMM is not a dead one (see the port): its caller must not replace it
             return None
         except NotFoundError:  # no VM (config) in this VMM yet (``VmNotCreatedError`` is one too)
             return None

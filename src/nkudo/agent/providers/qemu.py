@@ -299,7 +299,9 @@ class QemuProvider(VmmProcessProvider):
         try:
             with self._qmp(paths, timeout) as c:
                 status = c.status(timeout=timeout)
-        except (QmpTransportError, QmpConnectionClosedError):
+        except (QmpTransportError, QmpConnectionClosedError) as exc:
+            if exc.is_timeout:
+                raise  # a busy QEMU is not a dead one (see the port): its caller must not replace it
             return None
         return _STATES.get(status, VmStatus.ERROR)
 
