@@ -28,8 +28,12 @@ from nkudo.agent.state import StateStore
 from nkudo.errors import NkudoError, ValidationError
 from nkudo.proc.errors import AdoptionRefused
 from nkudo.proc.identity import ProcessIdentity, check_identity, identity_after_exec, read_identity
+from nkudo.vmstate import VmStatus
 from tests.agent.conftest import Host
 from tests.agent.test_lifecycle import _create
+from tests.agent.test_supervision import _agent as _sup_agent
+from tests.agent.test_supervision import _create as _sup_create
+from tests.agent.test_supervision import _wait, rig  # noqa: F401 - fixture re-export
 
 SH = normalise_allowlist(["/bin/sh"])
 
@@ -58,16 +62,18 @@ def _refused(doc: Any) -> ValidationError:
 
 
 def _gone_or_zombie(pid: int, within: float = 3.0) -> bool:
+    """Whether ``pid`` has ended (looked at once, then again until ``within`` seconds have passed)."""
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
+    while True:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 if f.read().rsplit(")", 1)[1].split()[0] == "Z":
                     return True
         except FileNotFoundError:
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
-    return False
 
 
 # --------------------------------------------------------------------------- path confinement
@@ -361,3 +367,51 @@ def test_failed_re_create_of_an_existing_vm_does_not_roll_it_back(host: Host) ->
         store.close()
     assert all(p.exists() for p in rootfs)
     assert set(h.taps()) == taps and taps
+
+
+def _two_vms_with_a_stale_record(root: Path, images: Path) -> tuple[Agent, dict[str, Any]]:
+    """vm-1 and vm-2 running under one agent; vm-1's record then names vm-2's pid with another start time,
+    as a stale record does once its VMM died unnoticed and the kernel gave the pid to vm-2's VMM."""
+    agent = _sup_agent(root, images)
+    for vm in ("vm-1", "vm-2"):
+        assert agent.executor.run_plan(_sup_create(images, vm))[0].ok
+    two = agent.store.get_vm("vm-2")
+    assert two is not None and two.process
+    stale = {**two.process, "start_time": int(str(two.process["start_time"])) - 1}
+    one = agent.store.get_vm("vm-1")
+    assert one is not None and one.process
+    stale["marker"] = one.process["marker"]
+    agent.store.update_vm("vm-1", process=stale)
+    return agent, two.process
+
+
+def test_stopping_a_vm_with_a_stale_record_never_ends_another_vms_vmm(rig: tuple[Path, Path]) -> None:  # noqa: F811
+    """Catches dropping ``h.identity == ident`` in ``VmmProcessProvider._handle``: the handle cached for the
+    pid is vm-2's VMM, and stopping vm-1 through its stale record would kill vm-2's guest."""
+    root, images = rig
+    agent, other = _two_vms_with_a_stale_record(root, images)
+    try:
+        _, (out,) = agent.run_plan(
+            [{"action_id": "stop-1", "type": "MicroVMStop", "params": {"vm_id": "vm-1", "force": True}}]
+        )
+        assert out.ok, out.to_dict()
+        assert not _gone_or_zombie(int(str(other["pid"])), 0), "vm-2's VMM was ended"
+        assert agent.store.get_vm("vm-2").status == VmStatus.RUNNING  # type: ignore[union-attr]
+    finally:
+        agent.close()
+
+
+def test_a_vmm_exit_is_recorded_on_its_own_vm_not_on_a_stale_record(rig: tuple[Path, Path]) -> None:  # noqa: F811
+    """Catches dropping the start-time comparison in ``Agent._vmm_exited``: when vm-2's VMM dies, the
+    stale record of vm-1 (same pid, other start time, listed first) must not be the one marked crashed."""
+    root, images = rig
+    agent, other = _two_vms_with_a_stale_record(root, images)
+    try:
+        before = agent.store.get_vm("vm-1")
+        os.kill(int(str(other["pid"])), signal.SIGKILL)
+        assert _wait(lambda: agent.store.get_vm("vm-2").status == VmStatus.CRASHED)  # type: ignore[union-attr]
+        after = agent.store.get_vm("vm-1")
+        assert after is not None and before is not None
+        assert (after.status, after.process) == (before.status, before.process)
+    finally:
+        agent.close()
