@@ -20,13 +20,19 @@ from typing import Any
 
 import pytest
 
+from nkudo.agent import console
 from nkudo.agent import paths as P
 from nkudo.agent.hostcmd import normalise_allowlist, run_command
 from nkudo.agent.plan import MAX_ACTIONS, MAX_TIMEOUT, parse_plan
 from nkudo.agent.runtime import Agent, AgentConfig
 from nkudo.errors import NkudoError, ValidationError
+from nkudo.net.errors import NetInvalidArgument
+from nkudo.net.hostnet import owner_alias, tap_name
+from nkudo.net.link import OWNER_PREFIX
+from nkudo.net.rtnl import IFALIASZ
 from nkudo.proc.errors import AdoptionRefused
 from nkudo.proc.identity import ProcessIdentity, check_identity, identity_after_exec, read_identity
+from nkudo.wire import messages as wm
 
 SH = normalise_allowlist(["/bin/sh"])
 
@@ -334,3 +340,26 @@ def test_actions_after_a_failed_one_are_not_run(tmp_path: Path) -> None:
         assert agent.store.get_action("then") is None  # not journalled either
     finally:
         agent.close()
+
+
+def test_console_answer_does_not_follow_a_vm_directory_symlink(tmp_path: Path) -> None:
+    """Catches ``P.safe_join(runtime_dir, req.vm_id)`` -> ``os.path.join`` in ``console.answer``: the control
+    plane names the VM; a ``<runtime-dir>/<vm id>`` symlink must not ship a file from elsewhere as its console."""
+    runtime = tmp_path / "vms"
+    runtime.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "console.log").write_text("secret\n")
+    (runtime / "vm-1").symlink_to(outside)
+    (tail,) = console.answer(str(runtime), [wm.ConsoleRequest(vm_id="vm-1", lines=5)])
+    assert tail.found is False and tail.text == ""
+
+
+def test_tap_owner_marker_fits_the_kernels_ifalias() -> None:
+    """Catches ``len(vm_id) <= _MAX_VM_ID`` -> ``<= _MAX_VM_ID + 1``: the kernel truncates an ifalias to
+    255 bytes, so a longer marker would no longer name the VM and the agent would lose track of its TAP."""
+    longest = "v" * (IFALIASZ - 1 - len(OWNER_PREFIX))
+    assert len(owner_alias(longest)) == IFALIASZ - 1
+    tap_name(longest)
+    with pytest.raises(NetInvalidArgument):
+        tap_name(longest + "v")

@@ -184,3 +184,37 @@ def test_a_snapshot_copied_under_another_vm_is_refused(rig: tuple[Path, Path]) -
         assert agent.store.get_vm("vm-new") is None and not (root / "v" / "vm-new").exists()
     finally:
         agent.close()
+
+
+def test_a_vms_runtime_directory_that_is_a_symlink_out_is_refused(host: Host, tmp_path: Path) -> None:
+    """Catches ``P.safe_join(runtime_dir, vm_id)`` -> ``os.path.join`` in ``VmService.paths``: a planted
+    ``<runtime-dir>/<vm id>`` symlink would make the agent clone disks, write the seed and bind the API
+    socket wherever it points."""
+    h = host
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    h.vms.mkdir(parents=True, exist_ok=True)
+    (h.vms / "vm-1").symlink_to(outside)
+    rc, doc, _ = h.apply([_create(h)])
+    (o,) = doc["outcomes"]
+    assert rc == 1 and o["error_code"] == "PATH_ESCAPE", o
+    assert list(outside.iterdir()) == [] and h.vmm_pids() == [] and h.taps() == {}
+
+
+def test_snapshot_directory_symlinked_out_is_refused(rig: tuple[Path, Path]) -> None:  # noqa: F811
+    """Catches ``P.safe_join(snapshot_dir, vm_id, name)`` -> ``os.path.join`` in ``VmService.snapshot``: a
+    planted ``<snapshot-dir>/<vm id>`` symlink would have the VMM write the guest's memory wherever it points."""
+    root, images = rig
+    agent = _restore_setup(root, images)
+    outside = root / "outside"
+    outside.mkdir()
+    try:
+        _restore_ok(agent, _restore_create(images))
+        (root / "n").mkdir(exist_ok=True)
+        (root / "n" / "vm-1").symlink_to(outside)
+        (o,) = _restore_run(agent, _restore_act("s", "MicroVMSnapshot", snapshot_name="s1"))
+        assert o.error_code == "PATH_ESCAPE", (o.error_code, o.error_message)
+        assert list(outside.iterdir()) == []
+        assert agent.store.get_vm("vm-1").status == VmStatus.RUNNING  # type: ignore[union-attr]
+    finally:
+        agent.close()
