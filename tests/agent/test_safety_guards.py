@@ -60,6 +60,15 @@ def _refused(doc: Any) -> ValidationError:
     return ei.value
 
 
+def _command_agent(tmp_path: Path) -> Agent:
+    """An agent allowed to run ``/bin/sh`` (no VM is made, so no VMM binary or bridge is needed)."""
+    cfg = AgentConfig(
+        state_dir=str(tmp_path / "state"), runtime_dir=str(tmp_path / "vms"),
+        snapshot_dir=str(tmp_path / "snaps"), image_roots=(str(tmp_path),), exec_allow=("/bin/sh",),
+    )  # fmt: skip
+    return Agent(cfg)
+
+
 def _gone_or_zombie(pid: int, within: float = 3.0) -> bool:
     """Whether ``pid`` has ended (looked at once, then again until ``within`` seconds have passed)."""
     deadline = time.monotonic() + within
@@ -323,11 +332,7 @@ def test_actions_after_a_failed_one_are_not_run(tmp_path: Path) -> None:
     """Catches ``failed = failed or not o.ok`` -> ``failed = False`` (and dropping the NOT_RUN branch):
     after a failed action the rest of the plan must not touch the host."""
     marker = tmp_path / "ran"
-    cfg = AgentConfig(
-        state_dir=str(tmp_path / "state"), runtime_dir=str(tmp_path / "vms"),
-        snapshot_dir=str(tmp_path / "snaps"), image_roots=(str(tmp_path),), exec_allow=("/bin/sh",),
-    )  # fmt: skip
-    agent = Agent(cfg)
+    agent = _command_agent(tmp_path)
     try:
         _, outcomes = agent.run_plan({"actions": [
             {"action_id": "fail", "type": "CommandExecute", "params": {"command": "/bin/sh", "args": ["-c", "exit 3"]}},
@@ -363,3 +368,25 @@ def test_tap_owner_marker_fits_the_kernels_ifalias() -> None:
     tap_name(longest)
     with pytest.raises(NetInvalidArgument):
         tap_name(longest + "v")
+
+
+def test_an_action_without_params_is_a_validation_error() -> None:
+    """Catches dropping the ``"params" not in raw`` check of ``parse_action``: the plan must be refused
+    naming the field, not crash with a ``KeyError``."""
+    err = _refused([{"action_id": "a1", "type": "MicroVMStart"}])
+    assert err.field == "actions[0].params"
+
+
+def test_a_command_is_bounded_by_its_actions_time_limit(tmp_path: Path) -> None:
+    """Catches ``min(params.timeout, ctx.remaining())`` -> ``params.timeout`` in ``Agent._command``: the
+    plan's ``timeout_seconds`` bounds the command too, not only its own (longer) ``params.timeout``."""
+    agent = _command_agent(tmp_path)
+    try:
+        t0 = time.monotonic()
+        _, (out,) = agent.run_plan(
+            [{**_cmd(command="/bin/sh", args=["-c", "sleep 5"], timeout=60), "timeout_seconds": 1}]
+        )
+        assert out.status == "TIMED_OUT", out.to_dict()
+        assert time.monotonic() - t0 < 4.5
+    finally:
+        agent.close()
