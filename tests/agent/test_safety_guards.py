@@ -390,3 +390,14 @@ def test_a_command_is_bounded_by_its_actions_time_limit(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 4.5
     finally:
         agent.close()
+
+
+def test_the_agents_directories_are_private(tmp_path: Path) -> None:
+    """Catches ``mode=0o700`` -> ``0o755`` where the agent makes its state, runtime and snapshot directories:
+    they hold VM disks, guest memory snapshots, API sockets and the action journal."""
+    agent = _command_agent(tmp_path)
+    try:
+        for d in ("state", "vms", "snaps"):
+            assert oct((tmp_path / d).stat().st_mode & 0o777) == "0o700", d
+    finally:
+        agent.close()

@@ -218,3 +218,18 @@ def test_snapshot_directory_symlinked_out_is_refused(rig: tuple[Path, Path]) -> 
         assert agent.store.get_vm("vm-1").status == VmStatus.RUNNING  # type: ignore[union-attr]
     finally:
         agent.close()
+
+
+def test_snapshot_directories_are_private(rig: tuple[Path, Path]) -> None:  # noqa: F811
+    """Catches ``mode=0o700`` -> ``0o755`` for a VM's snapshot directory (and its staging directory, which
+    becomes the snapshot): a guest's memory image must not be readable by other users, whatever the mode
+    of the snapshot root the operator made."""
+    root, images = rig
+    agent = _restore_setup(root, images)
+    try:
+        (root / "n").chmod(0o755)
+        _restore_ok(agent, _restore_create(images), _restore_act("s", "MicroVMSnapshot", snapshot_name="s1"))
+        for d in (root / "n" / "vm-1", root / "n" / "vm-1" / "s1"):
+            assert oct(d.stat().st_mode & 0o777) == "0o700", d
+    finally:
+        agent.close()
