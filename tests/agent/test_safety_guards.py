@@ -25,6 +25,7 @@ from nkudo.agent import paths as P
 from nkudo.agent.hostcmd import normalise_allowlist, run_command
 from nkudo.agent.plan import MAX_ACTIONS, MAX_TIMEOUT, parse_plan
 from nkudo.agent.runtime import Agent, AgentConfig
+from nkudo.agent.seed import write_seed_iso
 from nkudo.errors import NkudoError, ValidationError
 from nkudo.net.errors import NetInvalidArgument
 from nkudo.net.hostnet import owner_alias, tap_name
@@ -401,3 +402,11 @@ def test_the_agents_directories_are_private(tmp_path: Path) -> None:
             assert oct((tmp_path / d).stat().st_mode & 0o777) == "0o700", d
     finally:
         agent.close()
+
+
+def test_the_cloud_init_seed_is_private(tmp_path: Path) -> None:
+    """Catches ``write_atomic``'s default ``mode=0o600`` -> ``0o644``: the seed image carries the plan's
+    user-data (passwords, keys, tokens) and must not be readable by other users."""
+    iso = tmp_path / "cloud-init.iso"
+    write_seed_iso(str(iso), "#cloud-config\npassword: s3cret\n", "instance-id: vm-1\n", None)
+    assert oct(iso.stat().st_mode & 0o777) == "0o600"
