@@ -410,3 +410,29 @@ def test_the_cloud_init_seed_is_private(tmp_path: Path) -> None:
     iso = tmp_path / "cloud-init.iso"
     write_seed_iso(str(iso), "#cloud-config\npassword: s3cret\n", "instance-id: vm-1\n", None)
     assert oct(iso.stat().st_mode & 0o777) == "0o600"
+
+
+def test_within_roots_hands_back_the_resolved_path(tmp_path: Path) -> None:
+    """Catches ``return real`` -> ``return path`` in ``within_roots``: the caller must use the file that was
+    checked, not a symlink that can be re-pointed outside the roots between the check and the use."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "vmlinux-6.1").write_text("k")
+    (images / "vmlinux").symlink_to(images / "vmlinux-6.1")
+    got = P.within_roots(str(images / "vmlinux"), (str(images),), "params.kernel_path")
+    assert got == os.path.realpath(images / "vmlinux-6.1")
+
+
+def test_a_command_gets_no_stdin() -> None:
+    """Catches ``stdin=DEVNULL`` -> inherited in ``run_command``: a host command must not read (or block on)
+    the agent's own standard input. The test puts a pipe on fd 0 so an inherited stdin is visible."""
+    r, w = os.pipe()
+    saved = os.dup(0)
+    try:
+        os.dup2(r, 0)
+        out = run_command("/bin/sh", ["-c", "readlink /proc/self/fd/0"], cwd="/", timeout=5, allow=SH)
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, r, w):
+            os.close(fd)
+    assert out["stdout"] == "/dev/null\n"
