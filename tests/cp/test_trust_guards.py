@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import os
 import stat
@@ -26,14 +27,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nkudo.cp import auditchain as ac
+from nkudo.cp import models
 from nkudo.cp import schema as t
+from nkudo.cp.config import Settings
 from nkudo.cp.db import Database, sqlite_url
-from nkudo.cp.domain import ActorType
-from nkudo.cp.errors import Unavailable
+from nkudo.cp.domain import ActorType, PrincipalKind
+from nkudo.cp.errors import Unauthenticated, Unavailable
 from nkudo.cp.metrics import Metrics
-from nkudo.cp.pki import CertificateAuthority, make_csr
-from nkudo.cp.records import Actor, AuditEntry, RequestInfo
+from nkudo.cp.pki import CertificateAuthority, make_csr, parse_csr
+from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo
 from nkudo.cp.usecases.audit import AuditLog
+from nkudo.cp.usecases.enrollment import Enrollment
+from nkudo.cp.usecases.tenancy import Tenancy
+from nkudo.wire import messages as wm
 
 from .conftest import FAST
 from .helpers import Agent, Server, Tenant, new_tenant, start_server
@@ -296,13 +302,15 @@ _E, _H, _K = t.audit_events.c, t.audit_chain_heads.c, t.audit_checkpoints.c
 
 def test_a_deleted_chain_head_is_detected(db: Database) -> None:
     """Deleting a chain's head row must not take the chain out of verification: its events, which no head
-    accounts for, are reported (inserted, at the first).
+    accounts for, are reported (inserted, at the first), also once its checkpoints are deleted too.
 
-    Catches: verification listing chains from the head rows only; ``verify_chain`` accepting events when there
+    Catches: verification listing chains from the head rows only (or heads and checkpoints); ``verify_chain`` accepting events when there
     is no head (the ``elif events`` branch dropped)."""
     log, tenant = _signed_chain(db)
     _sql(db, t.audit_chain_heads.delete().where(_H.chain == tenant))
     assert _first_break(log) == ("inserted", 1, tenant)
+    _sql(db, t.audit_checkpoints.delete().where(_K.chain == tenant))  # now only the events name the chain
+    assert _first_break(AuditLog(db, verifier=log.verifier)) == ("inserted", 1, tenant)
 
 
 def test_a_chain_deleted_but_for_its_checkpoint_is_detected(db: Database) -> None:
@@ -328,3 +336,60 @@ def test_a_truncated_tail_is_reported_where_it_starts(db: Database) -> None:
     _sql(db, t.audit_events.delete().where(_E.chain == tenant, _E.seq > 4))
     _sql(db, t.audit_chain_heads.update().where(_H.chain == tenant).values(seq=4, entry_hash=four))
     assert _first_break(log) == ("deleted", 5, tenant)
+
+
+# --- enrollment on a fixed clock ---------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self, now: dt.datetime) -> None:
+        self.t = now
+
+    def now(self) -> dt.datetime:
+        return self.t
+
+
+def test_an_enrollment_token_is_dead_at_its_expiry_instant(tmp_path: Path) -> None:
+    """The enrollment use case on its ports (real SQLite, the real CA, a fixed clock): a token one second before
+    its ``expires_at`` enrolls, one refused at exactly ``expires_at`` says TOKEN_EXPIRED and is not consumed;
+    the database holds the token's SHA-256 only; the identity comes from the token's tenant and site.
+
+    Catches: ``tok.expires_at <= now`` weakened to ``<`` (the refusal then claims TOKEN_ALREADY_USED for a
+    token nobody used)."""
+    db = Database(sqlite_url(tmp_path), pool_size=1)
+    try:
+        db.migrate()
+        t0 = dt.datetime(2031, 2, 3, 4, 5, 6, tzinfo=dt.UTC)
+        clock = _Clock(t0)
+        admin = Principal(PrincipalKind.ADMIN)
+        tenancy = Tenancy(db, clock)
+        enrollment = Enrollment(Settings(data_dir=tmp_path), db, CertificateAuthority.generate(), Metrics(), clock)
+
+        def request(token: str) -> tuple[wm.EnrollRequest, x509.CertificateSigningRequest]:
+            pem = make_csr(ec.generate_private_key(ec.SECP256R1()))
+            return (wm.EnrollRequest(enrollment_token=token, csr_pem=pem, hostname="h-" + uuid.uuid4().hex[:8]),
+                    parse_csr(pem))
+
+        async def scenario() -> None:
+            tid = (await tenancy.create_tenant(admin, models.TenantCreate(slug="enr", name="e"), RequestInfo())).id
+            sid = (await tenancy.create_site(admin, tid, models.SiteCreate(name="s"), RequestInfo())).id
+            body = models.TokenCreate(site_id=sid, expires_in_seconds=60)
+            late = await enrollment.issue_token(admin, tid, body, RequestInfo())
+            early = await enrollment.issue_token(admin, tid, body, RequestInfo())
+            stored = db.tx(lambda c: c.execute(sa.select(t.enrollment_tokens)).all())
+            assert sorted(r.token_hash for r in stored) == sorted(
+                hashlib.sha256(x.token.encode()).hexdigest() for x in (late, early))
+            assert not any(x.token in map(str, r) for r in stored for x in (late, early))  # no plaintext column
+            clock.t = t0 + dt.timedelta(seconds=59)
+            out = await enrollment.enroll(*request(early.token), RequestInfo())
+            assert (out.tenant_id, out.site_id) == (tid, sid)
+            clock.t = t0 + dt.timedelta(seconds=60)
+            with pytest.raises(Unauthenticated) as exc:
+                await enrollment.enroll(*request(late.token), RequestInfo())
+            assert exc.value.code == "TOKEN_EXPIRED"
+            consumed = {x.id: x.consumed for x in (await enrollment.list_tokens(admin, tid)).tokens}
+            assert consumed == {early.token_id: True, late.token_id: False}
+
+        asyncio.run(scenario())
+    finally:
+        db.close()
