@@ -34,9 +34,10 @@ from nkudo.cp.db import Database, sqlite_url
 from nkudo.cp.domain import ActorType, PrincipalKind
 from nkudo.cp.errors import Unauthenticated, Unavailable
 from nkudo.cp.metrics import Metrics
-from nkudo.cp.pki import CertificateAuthority, make_csr, parse_csr
+from nkudo.cp.pki import CertificateAuthority, RevokedEntry, make_csr, parse_csr
 from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo
 from nkudo.cp.usecases.audit import AuditLog
+from nkudo.cp.usecases.crl import Crl
 from nkudo.cp.usecases.enrollment import Enrollment
 from nkudo.cp.usecases.tenancy import Tenancy
 from nkudo.wire import messages as wm
@@ -391,5 +392,47 @@ def test_an_enrollment_token_is_dead_at_its_expiry_instant(tmp_path: Path) -> No
             assert consumed == {early.token_id: True, late.token_id: False}
 
         asyncio.run(scenario())
+    finally:
+        db.close()
+
+
+# --- CRL signing and readiness ------------------------------------------------------------------------------
+
+
+def test_crl_entries_carry_no_unspecified_or_unknown_reason(tmp_path: Path) -> None:
+    """A stored ``unspecified`` writes no reason code (RFC 5280 prefers that), and a reason this version does
+    not know is left out instead of stopping the CRL from being signed; known reasons are kept.
+
+    Catches: ``_reason_flag`` returning ``unspecified`` as a reason code."""
+    ca = CertificateAuthority.generate()
+    at = dt.datetime(2031, 1, 1, tzinfo=dt.UTC)
+    signed = ca.sign_crl([RevokedEntry("a1", at, "unspecified"), RevokedEntry("b2", at, "no-such-reason"),
+                          RevokedEntry("c3", at, None), RevokedEntry("d4", at, "keyCompromise")], number=7)
+    crl = x509.load_der_x509_crl(signed.der)
+    pub = ca.cert.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey) and crl.is_signature_valid(pub)
+    reasons = {}
+    for r in crl:
+        ext = [e.value.reason for e in r.extensions if isinstance(e.value, x509.CRLReason)]
+        reasons[format(r.serial_number, "x")] = ext
+    assert reasons == {"a1": [], "b2": [], "c3": [], "d4": [x509.ReasonFlags.key_compromise]}
+
+
+def test_readiness_reports_an_expired_ca(tmp_path: Path) -> None:
+    """``/readyz``'s CA check (the use case, on a clock past the CA's notAfter) says unhealthy and when it expired.
+
+    Catches: the ``ca_expiry > now`` comparison dropped (an expired CA, whose agent certificates no longer
+    verify, reported healthy)."""
+    db = Database(sqlite_url(tmp_path), pool_size=1)
+    try:
+        db.migrate()
+        ca = CertificateAuthority.generate()
+        expiry = ca.cert.not_valid_after_utc
+        clock = _Clock(expiry - dt.timedelta(seconds=1))
+        crl = Crl(Settings(data_dir=tmp_path), db, ca, clock)
+        assert asyncio.run(crl.readiness()).ca.status == "healthy"
+        clock.t = expiry
+        got = asyncio.run(crl.readiness()).ca
+        assert got.status == "unhealthy" and "expired" in (got.error or "")
     finally:
         db.close()
