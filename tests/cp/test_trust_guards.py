@@ -436,3 +436,17 @@ def test_readiness_reports_an_expired_ca(tmp_path: Path) -> None:
         assert got.status == "unhealthy" and "expired" in (got.error or "")
     finally:
         db.close()
+
+
+def test_the_last_unsigned_event_changed_and_rehashed_is_detected_by_the_head(db: Database) -> None:
+    """An event past the last checkpoint with no successor, changed and its hash recomputed: only the chain
+    head still names its real hash, so verification must report it (changed, at it).
+
+    Catches: the head's ``entry_hash`` no longer compared with the last event's."""
+    log, tenant = _signed_chain(db, 3)
+    asyncio.run(log.record(RequestInfo(), AuditEntry(Actor(ActorType.ADMIN), "test.event", tenant, "thing", "x")))
+    r = db.tx(lambda conn: conn.execute(sa.select(t.audit_events).where(_E.chain == tenant, _E.seq == 4)).one())
+    h = ac.link(r.chain, r.seq, r.occurred_at, r.tenant_id, r.actor_type, r.actor_id, "forged.action", r.object_type,
+                r.object_id, r.request_id, r.source_ip, r.details, r.prev_hash)
+    _sql(db, t.audit_events.update().where(_E.id == r.id).values(action="forged.action", entry_hash=h))
+    assert _first_break(log) == ("changed", 4, tenant)
