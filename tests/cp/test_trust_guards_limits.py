@@ -5,12 +5,32 @@ Each test names the one-line bug it catches (see ``test_trust_guards.py`` for pa
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import datetime as dt
+import json
 import time
 import uuid
 from pathlib import Path
 
+import pytest
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from nkudo.cp import auditchain as ac
+from nkudo.cp import models
+from nkudo.cp import schema as t
+from nkudo.cp.db import Database, sqlite_url
+from nkudo.cp.domain import ActorType, PrincipalKind
+from nkudo.cp.errors import Forbidden
 from nkudo.cp.pki import CertificateAuthority
 from nkudo.cp.ratelimit import LockoutPolicy, LockState, after_failure
+from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo
+from nkudo.cp.usecases.access import Access
+from nkudo.cp.usecases.audit import AuditLog
+from nkudo.cp.usecases.quotas import Quotas
+from nkudo.cp.usecases.tenancy import Tenancy
 
 from .conftest import FAST
 from .helpers import Agent, new_tenant, start_server
@@ -68,3 +88,67 @@ def test_replicas_add_up_what_each_admitted(pg_cluster: Cluster, tmp_path: Path)
             a.close()
         for s in servers:
             s.stop()
+
+
+class _Clock:
+    def __init__(self, now: dt.datetime) -> None:
+        self.t = now
+
+    def now(self) -> dt.datetime:
+        return self.t
+
+
+def test_expired_api_keys_leave_room_in_the_quota(tmp_path: Path) -> None:
+    """``max_api_keys`` counts live keys: an expired key (like a revoked one) makes room again (use cases on a
+    real SQLite database with a fixed clock, so the expiry needs no waiting).
+
+    Catches: the key count's ``expires_at IS NULL OR expires_at > now`` condition dropped (expired keys would
+    hold the tenant at its quota forever)."""
+    db = Database(sqlite_url(tmp_path), pool_size=1)
+    try:
+        db.migrate()
+        clock = _Clock(dt.datetime(2031, 2, 3, tzinfo=dt.UTC))
+        admin = Principal(PrincipalKind.ADMIN)
+        tenancy, quotas = Tenancy(db, clock), Quotas(db, clock)
+        access = Access(db, clock, "admin-" + "k" * 40, None)
+
+        async def scenario() -> None:
+            tid = (await tenancy.create_tenant(admin, models.TenantCreate(slug="q", name="q"), RequestInfo())).id
+            await quotas.set_quota(admin, tid, models.QuotaUpdate(max_api_keys=1), RequestInfo())
+            await access.create_api_key(admin, tid, models.ApiKeyCreate(name="short", expires_in_seconds=60),
+                                        RequestInfo())
+            with pytest.raises(Forbidden) as exc:
+                await access.create_api_key(admin, tid, models.ApiKeyCreate(name="more"), RequestInfo())
+            assert exc.value.code == "QUOTA_EXCEEDED" and exc.value.field == "max_api_keys"
+            clock.t += dt.timedelta(seconds=60)
+            await access.create_api_key(admin, tid, models.ApiKeyCreate(name="more"), RequestInfo())
+            assert (await quotas.get_quota(admin, tid)).usage.api_keys == 1
+
+        asyncio.run(scenario())
+    finally:
+        db.close()
+
+
+def test_checkpoints_sign_the_documented_statement(tmp_path: Path) -> None:
+    """An outside verifier following the README (plain json + the public key) checks a stored checkpoint: the
+    signature covers ``["nkudo-audit-checkpoint/1", chain, seq, entry_hash, signed_at]``.
+
+    Catches: the chain left out of the signed statement (a signature that no longer binds its chain, and that
+    no verifier built from the README accepts)."""
+    db = Database(sqlite_url(tmp_path), pool_size=1)
+    try:
+        db.migrate()
+        key = ec.generate_private_key(ec.SECP256R1())
+        log = AuditLog(db, signer=ac.Signer(key))
+        chain = str(uuid.uuid4())
+        asyncio.run(log.record(RequestInfo(), AuditEntry(Actor(ActorType.ADMIN), "test.event", chain, "thing", "x")))
+        assert len(asyncio.run(log.checkpoint()).checkpoints) == 1
+        cp = db.tx(lambda c: c.execute(sa.select(t.audit_checkpoints).where(t.audit_checkpoints.c.chain == chain))
+                   .one())
+        signed_at = cp.signed_at.replace(tzinfo=dt.UTC) if cp.signed_at.tzinfo is None else cp.signed_at
+        statement = json.dumps(["nkudo-audit-checkpoint/1", chain, cp.seq, cp.entry_hash,
+                                signed_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")],
+                               separators=(",", ":"), ensure_ascii=False).encode()
+        key.public_key().verify(base64.b64decode(cp.signature), statement, ec.ECDSA(hashes.SHA256()))
+    finally:
+        db.close()
