@@ -23,7 +23,7 @@ from nkudo.cp import models
 from nkudo.cp import schema as t
 from nkudo.cp.db import Database, sqlite_url
 from nkudo.cp.domain import ActorType, PrincipalKind
-from nkudo.cp.errors import Forbidden
+from nkudo.cp.errors import Forbidden, Unauthenticated
 from nkudo.cp.pki import CertificateAuthority
 from nkudo.cp.ratelimit import LockoutPolicy, LockState, after_failure
 from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo
@@ -98,12 +98,13 @@ class _Clock:
         return self.t
 
 
-def test_expired_api_keys_leave_room_in_the_quota(tmp_path: Path) -> None:
-    """``max_api_keys`` counts live keys: an expired key (like a revoked one) makes room again (use cases on a
-    real SQLite database with a fixed clock, so the expiry needs no waiting).
+def test_expired_api_keys_stop_working_and_leave_room_in_the_quota(tmp_path: Path) -> None:
+    """An API key authenticates until its expiry instant and not at it; ``max_api_keys`` counts live keys, so
+    the expired key (like a revoked one) makes room again (use cases on a real SQLite database with a fixed
+    clock, so the expiry needs no waiting).
 
-    Catches: the key count's ``expires_at IS NULL OR expires_at > now`` condition dropped (expired keys would
-    hold the tenant at its quota forever)."""
+    Catches: the ``expires_at IS NULL OR expires_at > now`` condition dropped from authentication, or from the
+    key count (expired keys would hold the tenant at its quota forever)."""
     db = Database(sqlite_url(tmp_path), pool_size=1)
     try:
         db.migrate()
@@ -115,12 +116,16 @@ def test_expired_api_keys_leave_room_in_the_quota(tmp_path: Path) -> None:
         async def scenario() -> None:
             tid = (await tenancy.create_tenant(admin, models.TenantCreate(slug="q", name="q"), RequestInfo())).id
             await quotas.set_quota(admin, tid, models.QuotaUpdate(max_api_keys=1), RequestInfo())
-            await access.create_api_key(admin, tid, models.ApiKeyCreate(name="short", expires_in_seconds=60),
-                                        RequestInfo())
+            short = await access.create_api_key(admin, tid, models.ApiKeyCreate(name="short", expires_in_seconds=60),
+                                                RequestInfo())
+            assert (await access.authenticate(None, short.api_key)).tenant_id == tid
             with pytest.raises(Forbidden) as exc:
                 await access.create_api_key(admin, tid, models.ApiKeyCreate(name="more"), RequestInfo())
             assert exc.value.code == "QUOTA_EXCEEDED" and exc.value.field == "max_api_keys"
             clock.t += dt.timedelta(seconds=60)
+            with pytest.raises(Unauthenticated) as gone:
+                await access.authenticate(None, short.api_key)
+            assert gone.value.code == "INVALID_API_KEY"
             await access.create_api_key(admin, tid, models.ApiKeyCreate(name="more"), RequestInfo())
             assert (await quotas.get_quota(admin, tid)).usage.api_keys == 1
 
