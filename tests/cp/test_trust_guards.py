@@ -32,7 +32,7 @@ from nkudo.cp import schema as t
 from nkudo.cp.config import Settings
 from nkudo.cp.db import Database, sqlite_url
 from nkudo.cp.domain import ActorType, PrincipalKind
-from nkudo.cp.errors import Unauthenticated, Unavailable
+from nkudo.cp.errors import Conflict, Unauthenticated, Unavailable
 from nkudo.cp.metrics import Metrics
 from nkudo.cp.pki import CertificateAuthority, RevokedEntry, make_csr, parse_csr
 from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo
@@ -356,7 +356,7 @@ def test_an_enrollment_token_is_dead_at_its_expiry_instant(tmp_path: Path) -> No
     the database holds the token's SHA-256 only; the identity comes from the token's tenant and site.
 
     Catches: ``tok.expires_at <= now`` weakened to ``<`` (the refusal then claims TOKEN_ALREADY_USED for a
-    token nobody used)."""
+    token nobody used); the ``used_at`` check dropped (a used token then reports only that it expired)."""
     db = Database(sqlite_url(tmp_path), pool_size=1)
     try:
         db.migrate()
@@ -388,6 +388,9 @@ def test_an_enrollment_token_is_dead_at_its_expiry_instant(tmp_path: Path) -> No
             with pytest.raises(Unauthenticated) as exc:
                 await enrollment.enroll(*request(late.token), RequestInfo())
             assert exc.value.code == "TOKEN_EXPIRED"
+            with pytest.raises(Conflict) as used:  # used, then expired: it was used
+                await enrollment.enroll(*request(early.token), RequestInfo())
+            assert used.value.code == "TOKEN_ALREADY_USED"
             consumed = {x.id: x.consumed for x in (await enrollment.list_tokens(admin, tid)).tokens}
             assert consumed == {early.token_id: True, late.token_id: False}
 
