@@ -15,22 +15,29 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nkudo.cp import auditchain as ac
 from nkudo.cp import models
 from nkudo.cp import schema as t
+from nkudo.cp.config import Settings
 from nkudo.cp.db import Database, sqlite_url
 from nkudo.cp.domain import ActorType, PrincipalKind
 from nkudo.cp.errors import Forbidden, Unauthenticated
-from nkudo.cp.pki import CertificateAuthority
+from nkudo.cp.metrics import Metrics
+from nkudo.cp.pki import CertificateAuthority, make_csr, parse_csr, serial_hex
 from nkudo.cp.ratelimit import LockoutPolicy, LockState, after_failure
-from nkudo.cp.records import Actor, AuditEntry, Principal, RequestInfo
+from nkudo.cp.records import Actor, AgentIdentity, AuditEntry, Principal, RequestInfo
 from nkudo.cp.usecases.access import Access
+from nkudo.cp.usecases.agentauth import AgentCredentials
 from nkudo.cp.usecases.audit import AuditLog
+from nkudo.cp.usecases.crl import Crl
+from nkudo.cp.usecases.enrollment import Enrollment
 from nkudo.cp.usecases.quotas import Quotas
 from nkudo.cp.usecases.tenancy import Tenancy
+from nkudo.wire import messages as wm
 
 from .conftest import FAST
 from .helpers import Agent, new_tenant, start_server
@@ -155,5 +162,57 @@ def test_checkpoints_sign_the_documented_statement(tmp_path: Path) -> None:
                                 signed_at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")],
                                separators=(",", ":"), ensure_ascii=False).encode()
         key.public_key().verify(base64.b64decode(cp.signature), statement, ec.ECDSA(hashes.SHA256()))
+    finally:
+        db.close()
+
+
+def test_the_crl_lists_revocations_from_their_time_until_the_certificate_expires(tmp_path: Path) -> None:
+    """The CRL use case on a fixed clock (enroll, renew and unenroll through the use cases, the real CA): a
+    renewed certificate is listed from the end of its grace window, not a second before; revoked certificates
+    leave the list once they have expired (TLS refuses them anyway), so the CRL does not grow forever.
+
+    Catches: the CRL query's ``expires_at > now`` dropped; its ``revoked_at <= now`` dropped."""
+    db = Database(sqlite_url(tmp_path), pool_size=1)
+    try:
+        db.migrate()
+        t0 = dt.datetime.now(dt.UTC)  # the CA stamps notAfter from the real time: start the clock there
+        clock = _Clock(t0)
+        settings = Settings(data_dir=tmp_path, renew_grace=30.0, agent_cert_ttl=3600.0)
+        admin, ca = Principal(PrincipalKind.ADMIN), CertificateAuthority.generate()
+        tenancy, enrollment = Tenancy(db, clock), Enrollment(settings, db, ca, Metrics(), clock)
+        creds, crl = AgentCredentials(settings, db, ca, clock), Crl(settings, db, ca, clock)
+
+        def csr() -> tuple[str, x509.CertificateSigningRequest]:
+            pem = make_csr(ec.generate_private_key(ec.SECP256R1()))
+            return pem, parse_csr(pem)
+
+        async def listed() -> set[str]:
+            return {e.serial for e in (await crl.state()).revoked}
+
+        async def scenario() -> None:
+            tid = (await tenancy.create_tenant(admin, models.TenantCreate(slug="crl", name="c"), RequestInfo())).id
+            sid = (await tenancy.create_site(admin, tid, models.SiteCreate(name="s"), RequestInfo())).id
+            tok = await enrollment.issue_token(admin, tid, models.TokenCreate(site_id=sid), RequestInfo())
+            pem, req = csr()
+            out = await enrollment.enroll(wm.EnrollRequest(enrollment_token=tok.token, csr_pem=pem, hostname="h1"),
+                                          req, RequestInfo())
+            first = serial_hex(x509.load_pem_x509_certificate(out.client_certificate_pem.encode()).serial_number)
+            pem, req = csr()
+            renewed = await creds.renew(AgentIdentity(out.agent_id, first),
+                                        wm.RenewRequest(csr_pem=pem, refresh_token=out.refresh_token), req,
+                                        RequestInfo())
+            second = serial_hex(x509.load_pem_x509_certificate(
+                renewed.client_certificate_pem.encode()).serial_number)
+            clock.t = t0 + dt.timedelta(seconds=29)
+            assert await listed() == set()  # still inside the grace window
+            clock.t = t0 + dt.timedelta(seconds=30)
+            assert await listed() == {first}
+            await creds.unenroll(AgentIdentity(out.agent_id, second), wm.UnenrollRequest(reason="retired"),
+                                 RequestInfo())
+            assert await listed() == {first, second}
+            clock.t = t0 + dt.timedelta(hours=1, minutes=1)  # both certificates have expired
+            assert await listed() == set()
+
+        asyncio.run(scenario())
     finally:
         db.close()
