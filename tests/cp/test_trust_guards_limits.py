@@ -1,4 +1,5 @@
-"""Mutation sweep of the trust infrastructure, part two: lock-out and the rate limit shared across replicas.
+"""Mutation sweep of the trust infrastructure, part two: lock-out, the rate limit shared across replicas, API
+key expiry and quotas, the checkpoint statement, and the CRL's time rules on a fixed clock.
 
 Each test names the one-line bug it catches (see ``test_trust_guards.py`` for part one).
 """
