@@ -228,8 +228,11 @@ def test_ca_loading_tightens_the_key_and_refuses_half_a_pair(tmp_path: Path) -> 
 @pytest.fixture(scope="module")
 def hb_server(backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[Server]:
-    """A server that trusts 127.0.0.1 as a proxy and allows 3 heartbeats per agent in a burst."""
-    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    """A server that trusts 127.0.0.1 as a proxy and allows 3 heartbeats per agent in a burst.
+
+    On a database of its own: its CA (and so its audit key) is not the session server's, whose verification of
+    every chain would otherwise meet checkpoints this one signed at shutdown."""
+    url = request.getfixturevalue("pg_cluster").create_database() if backend == "postgres" else None
     srv = start_server(tmp_path_factory.mktemp(f"hb-{backend}"), database_url=url,
                        extra=[*FAST, "--trusted-proxy", "127.0.0.1/32", "--rate-limit-heartbeat", "6/min:3"])
     try:
