@@ -31,7 +31,9 @@ LIMITS = ["--trusted-proxy", "127.0.0.1/32", "--rate-limit-enroll", "6/min:4", "
 @pytest.fixture(scope="module")
 def rl_server(backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[Server]:
-    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    # A database of its own: this server has its own CA (and audit signing key), and the checkpoints it signs
+    # at shutdown would break the session server's verification of a shared database's chains.
+    url = request.getfixturevalue("pg_cluster").create_database() if backend == "postgres" else None
     srv = start_server(tmp_path_factory.mktemp(f"rl-{backend}"), database_url=url, extra=[*FAST, *LIMITS])
     try:
         yield srv

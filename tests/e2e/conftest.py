@@ -151,7 +151,9 @@ def cp(
     subprocess.run(["ip", "link", "set", "br0", "up"], check=True)
     url = None
     if cp_backend == "postgres":
-        url = request.getfixturevalue("pg_url")
+        # Its own database, not the cp tests' session one: another CA would sign checkpoints there (see
+        # tests/cp/test_ratelimit.py's rl_server).
+        url = request.getfixturevalue("pg_cluster").create_database()
     srv = start_server(tmp_path_factory.mktemp("cp"), database_url=url,
                        extra=["--lease-ttl", "3", "--offline-after", "3", "--sweep-interval", "0.5", "--heartbeat-interval", "1",
                               "--renew-grace", "1", *cp_extra])  # fmt: skip
