@@ -1,0 +1,191 @@
+"""Control-plane authentication, authorisation and sessions: one test per guard that a one-line bug could defeat
+without any other test failing (the mutation sweep of the auth area).
+
+Driven through the real use cases (``ControlPlane``) on a SQLite file and a throwaway PostgreSQL, with the clock
+the tests move (``test_accounts.Env``), so expiry instants are exact. Each docstring names the bug it catches.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nkudo.cp import schema as t
+from nkudo.cp.domain import Role
+from nkudo.cp.errors import NotFound, Unauthenticated
+from nkudo.cp.models import ApiKeyCreate, TenantCreate
+from nkudo.cp.records import Principal, RequestInfo
+
+from .test_accounts import ADMIN, PASSWORD, Env, ca, env  # noqa: F401 - the fixtures are used by name
+
+INFO = RequestInfo(request_id="guards", source_ip="192.0.2.44")
+#: ``test_accounts.env`` builds its control plane with this admin key.
+ADMIN_KEY = "a" * 40
+
+
+def _tenant(e: Env, slug: str) -> str:
+    return str(e.run(e.cp.tenancy.create_tenant(ADMIN, TenantCreate(slug=slug, name=slug), INFO)).id)
+
+
+def _owner(e: Env, tenant_id: str, email: str) -> Principal:
+    """An owner member of ``tenant_id``, as its dashboard session resolves it."""
+    e.run(e.cp.accounts.create_user(email, PASSWORD))
+    e.run(e.cp.accounts.grant(ADMIN, tenant_id, email, Role.OWNER, INFO))
+    return e.run(e.cp.accounts.login(email, PASSWORD, None, INFO, None)).context.principal_for(tenant_id)
+
+
+def _refused_admin(e: Env, key: str) -> None:
+    with pytest.raises(Unauthenticated) as exc:
+        e.run(e.cp.access.authenticate(key, None, "192.0.2.99", INFO))
+    assert exc.value.code == "INVALID_ADMIN_KEY"
+
+
+def test_admin_key_must_match_whole_not_a_prefix_or_extension(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``hmac.compare_digest(key, admin_key)`` replaced by a prefix test (``admin_key.startswith(key)``)
+    or any comparison that ignores the key's end: one character of it would then be enough."""
+    assert env.run(env.cp.access.authenticate(ADMIN_KEY, None, "192.0.2.99", INFO)).is_admin
+    for wrong in (ADMIN_KEY[:-1], ADMIN_KEY[:1], ADMIN_KEY + "a", ADMIN_KEY[:-1] + "b"):
+        _refused_admin(env, wrong)
+    with pytest.raises(Unauthenticated):
+        env.cp.access.authorize_metrics(ADMIN_KEY[:8], None)
+
+
+def test_api_key_ends_at_its_expiry_instant(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bugs caught: the API-key lookup's expiry dropped (an expired key keeps working on the JSON API) or
+    ``expires_at > now`` turned into ``>=`` (the key still works at the very instant it expires); the same for
+    an API-key dashboard sign-in."""
+    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ci", expires_in_seconds=120),
+                                               INFO))
+    env.clock.advance(120 - 0.001)
+    assert env.run(env.cp.access.authenticate(None, key.api_key, None, INFO)).key_id == key.id
+    env.clock.advance(0.001)  # exactly expires_at
+    with pytest.raises(Unauthenticated) as exc:
+        env.run(env.cp.access.authenticate(None, key.api_key, None, INFO))
+    assert exc.value.code == "INVALID_API_KEY"
+    with pytest.raises(Unauthenticated) as login:
+        env.run(env.cp.accounts.login_api_key(key.api_key, None, INFO, None))
+    assert login.value.code == "INVALID_API_KEY"
+
+
+def test_api_key_session_ends_at_the_key_expiry_instant(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: a session's key-expiry check ``now >= key_expires_at`` turned into ``>`` (or dropped): the
+    read-only session of an expired key would live on past the key."""
+    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ci", expires_in_seconds=600),
+                                               INFO))
+    res = env.run(env.cp.accounts.login_api_key(key.api_key, None, INFO, None))
+    env.clock.advance(590)
+    assert env.run(env.cp.accounts.session(res.token)) is not None
+    env.clock.advance(10)
+    assert env.run(env.cp.accounts.session(res.token)) is None
+
+
+def test_a_tenant_cannot_revoke_or_list_another_tenants_api_keys(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bugs caught: ``revoke_api_key``'s ``api_keys.tenant_id == tenant_id`` dropped (an owner of tenant A
+    revokes tenant B's key by its id through A's own path) and ``list_api_keys`` without ``tenant_scope``."""
+    other = _tenant(env, "other")
+    theirs = env.run(env.cp.access.create_api_key(ADMIN, other, ApiKeyCreate(name="theirs"), INFO))
+    mine = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="mine"), INFO))
+    for p in (_owner(env, env.tenant_id, "own@example.com"),
+              env.run(env.cp.access.authenticate(None, mine.api_key, None, INFO))):
+        with pytest.raises(NotFound) as nf:
+            env.run(env.cp.access.revoke_api_key(p, env.tenant_id, theirs.id, INFO))
+        assert nf.value.code == "API_KEY_NOT_FOUND"
+        with pytest.raises(NotFound) as listing:
+            env.run(env.cp.access.list_api_keys(p, other))
+        assert listing.value.code == "TENANT_NOT_FOUND"
+    assert env.run(env.cp.access.authenticate(None, theirs.api_key, None, INFO)).tenant_id == other
+
+
+def test_metrics_refuses_a_wrong_admin_key_and_a_wrong_token(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``authorize_metrics`` accepting any ``X-Admin-Key`` that is present (``admin_key is not None``
+    without ``is_admin_key``); the HTTP route happens to drop a wrong key first, the use case must not rely on it."""
+    env.cp.access.authorize_metrics(ADMIN_KEY, None)
+    for key, auth in (("wrong-" + "x" * 40, None), ("wrong-" + "x" * 40, "Bearer wrong-token-0123456789"),
+                      (None, f"Bearer {ADMIN_KEY}")):
+        with pytest.raises(Unauthenticated) as exc:
+            env.cp.access.authorize_metrics(key, auth)
+        assert exc.value.code == "UNAUTHENTICATED"
+
+
+def test_session_ends_at_the_exact_idle_instant(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``now >= last_seen_at + idle`` in ``load_session`` turned into ``>`` (a session still valid
+    at the very instant its idle timeout ends; the absolute one is pinned in test_accounts)."""
+    env.run(env.cp.accounts.create_user("idle@example.com", PASSWORD))
+    before = env.run(env.cp.accounts.login("idle@example.com", PASSWORD, None, INFO, None))
+    at = env.run(env.cp.accounts.login("idle@example.com", PASSWORD, None, INFO, None))
+    env.clock.advance(8 * 3600 - 0.001)
+    assert env.run(env.cp.accounts.session(before.token)) is not None
+    env.clock.advance(0.001)  # exactly 8 h after the second login, which has not been seen since
+    assert env.run(env.cp.accounts.session(at.token)) is None
+
+
+def test_sessions_of_another_tenant_are_neither_listed_nor_revoked(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bugs caught: ``revoke_session`` without ``tenant_scope`` (an owner of A names tenant B in the path and
+    ends B's sessions) and ``_tenant_sessions``' API-key branch without ``api_keys.tenant_id == tenant_id``
+    (every tenant's API-key sessions listed and revocable by any owner)."""
+    other = _tenant(env, "other")
+    env.run(env.cp.accounts.create_user("b@example.com", PASSWORD))
+    env.run(env.cp.accounts.grant(ADMIN, other, "b@example.com", Role.VIEWER, INFO))
+    member = env.run(env.cp.accounts.login("b@example.com", PASSWORD, None, INFO, None))
+    key = env.run(env.cp.access.create_api_key(ADMIN, other, ApiKeyCreate(name="b-key"), INFO))
+    keyed = env.run(env.cp.accounts.login_api_key(key.api_key, None, INFO, None))
+    p = _owner(env, env.tenant_id, "a@example.com")
+    assert [s.label for s in env.run(env.cp.accounts.list_sessions(p, env.tenant_id, None))] == ["a@example.com"]
+    for victim in (member, keyed):
+        for tenant_id in (env.tenant_id, other):
+            with pytest.raises(NotFound):
+                env.run(env.cp.accounts.revoke_session(p, tenant_id, victim.context.session_id, INFO))
+        assert env.run(env.cp.accounts.session(victim.token)) is not None
+    with pytest.raises(NotFound) as nf:
+        env.run(env.cp.accounts.list_sessions(p, other, None))
+    assert nf.value.code == "TENANT_NOT_FOUND"
+
+
+def test_disabling_a_user_ends_only_that_users_sessions(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``end_user_sessions`` without ``sessions.user_id == user_id`` (disabling one user signs
+    everybody out) or disabling that ends none (``load_session``'s disabled check is tested below)."""
+    env.run(env.cp.accounts.create_user("gone@example.com", PASSWORD))
+    env.run(env.cp.accounts.create_user("stays@example.com", PASSWORD))
+    gone = env.run(env.cp.accounts.login("gone@example.com", PASSWORD, None, INFO, None))
+    stays = env.run(env.cp.accounts.login("stays@example.com", PASSWORD, None, INFO, None))
+    env.run(env.cp.accounts.disable_user("gone@example.com"))
+    assert env.run(env.cp.accounts.session(gone.token)) is None
+    assert env.run(env.cp.accounts.session(stays.token)) is not None
+    disable = [e for e in env.audit_rows() if e.action == "user.disable"]
+    assert [e.details["sessions_ended"] for e in disable] == [1]
+
+
+def test_a_disabled_users_session_resolves_to_nothing(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``load_session`` without its ``users.disabled_at`` check. ``disable_user`` also revokes the
+    sessions, so the row is marked disabled here directly (as a session opened concurrently with the disable,
+    e.g. by an invitation accept on another replica, would be left): the session must still be refused."""
+    uid = env.run(env.cp.accounts.create_user("dis@example.com", PASSWORD))
+    res = env.run(env.cp.accounts.login("dis@example.com", PASSWORD, None, INFO, None))
+    with env.db.engine.begin() as conn:
+        conn.execute(t.users.update().where(t.users.c.id == uid).values(disabled_at=env.clock.now()))
+    assert env.run(env.cp.accounts.session(res.token)) is None
+
+
+def test_removing_a_member_from_one_tenant_keeps_its_other_memberships(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``revoke_membership``'s ``memberships.tenant_id == tenant_id`` dropped: an owner of A removing
+    a user from A would delete that user's memberships in every tenant."""
+    other = _tenant(env, "other")
+    uid = env.run(env.cp.accounts.create_user("both@example.com", PASSWORD))
+    for tid in (env.tenant_id, other):
+        env.run(env.cp.accounts.grant(ADMIN, tid, "both@example.com", Role.VIEWER, INFO))
+    p = _owner(env, env.tenant_id, "own@example.com")
+    env.run(env.cp.accounts.revoke_membership(p, env.tenant_id, uid, INFO))
+    assert [m.user_id for m in env.run(env.cp.accounts.list_members(ADMIN, other))] == [uid]
+    ctx = env.run(env.cp.accounts.login("both@example.com", PASSWORD, None, INFO, None)).context
+    assert [m.tenant_id for m in ctx.tenants] == [other]
+
+
+def test_a_tenant_cannot_revoke_another_tenants_invitation(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``revoke_invitation``'s ``invitations.tenant_id == tenant_id`` dropped (an owner of A revokes
+    B's pending invitation by its id through A's own path)."""
+    other = _tenant(env, "other")
+    theirs = env.run(env.cp.accounts.invite(ADMIN, other, "inv@example.com", Role.VIEWER, None, INFO))
+    p = _owner(env, env.tenant_id, "own@example.com")
+    with pytest.raises(NotFound) as nf:
+        env.run(env.cp.accounts.revoke_invitation(p, env.tenant_id, theirs.id, INFO))
+    assert nf.value.code == "INVITATION_NOT_FOUND"
+    assert env.run(env.cp.accounts.invitation(theirs.token)) is not None
