@@ -14,6 +14,7 @@ from nkudo.cp.domain import Role
 from nkudo.cp.errors import NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate, TenantCreate
 from nkudo.cp.records import Principal, RequestInfo
+from nkudo.cp.usecases.lockout import LockedOut
 
 from .test_accounts import ADMIN, PASSWORD, Env, ca, env  # noqa: F401 - the fixtures are used by name
 
@@ -189,3 +190,29 @@ def test_a_tenant_cannot_revoke_another_tenants_invitation(env: Env) -> None:  #
         env.run(env.cp.accounts.revoke_invitation(p, env.tenant_id, theirs.id, INFO))
     assert nf.value.code == "INVITATION_NOT_FOUND"
     assert env.run(env.cp.accounts.invitation(theirs.token)) is not None
+
+
+def test_invitation_accept_by_an_existing_user_obeys_both_password_throttles(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bugs caught: ``_check_password`` without its account-lock test (``not _lock_state(user).locked(now)``):
+    login re-checks the lock in its transaction, but accepting an invitation does not, so a throttled account's
+    password would still be tried (and accepted) there; and ``accept_invitation`` without the source's
+    PASSWORD lock-out check (a locked-out address could go on guessing through invitation links)."""
+    env.run(env.cp.accounts.create_user("held@example.com", PASSWORD))
+    inv = env.run(env.cp.accounts.invite(ADMIN, env.tenant_id, "held@example.com", Role.VIEWER, None, INFO))
+    for i in range(10):  # ten addresses: the account's throttle, not an address's lock-out
+        with pytest.raises(Unauthenticated):
+            env.run(env.cp.accounts.login("held@example.com", f"wrong {i}", f"198.51.100.{i}",
+                                          RequestInfo(source_ip=f"198.51.100.{i}"), None))
+    with pytest.raises(Unauthenticated) as exc:
+        env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, RequestInfo(source_ip="203.0.113.5"), None))
+    assert exc.value.code == "INVALID_LOGIN"
+    assert env.run(env.cp.accounts.invitation(inv.token)) is not None  # not consumed
+
+    env.clock.advance(901)  # the account's lock is over; now lock one address out instead
+    for i in range(5):
+        with pytest.raises(Unauthenticated):
+            env.run(env.cp.accounts.login(f"nobody{i}@example.com", PASSWORD, "203.0.113.9", INFO, None))
+    with pytest.raises(LockedOut):
+        env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, RequestInfo(source_ip="203.0.113.9"), None))
+    res = env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, RequestInfo(source_ip="203.0.113.5"), None))
+    assert [m.role for m in res.context.tenants] == [Role.VIEWER]
