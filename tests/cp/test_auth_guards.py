@@ -8,7 +8,9 @@ the tests move (``test_accounts.Env``), so expiry instants are exact. Each docst
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
+from nkudo.cp import passwords
 from nkudo.cp import schema as t
 from nkudo.cp.domain import Role
 from nkudo.cp.errors import NotFound, Unauthenticated
@@ -216,3 +218,24 @@ def test_invitation_accept_by_an_existing_user_obeys_both_password_throttles(env
         env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, RequestInfo(source_ip="203.0.113.9"), None))
     res = env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, RequestInfo(source_ip="203.0.113.5"), None))
     assert [m.role for m in res.context.tenants] == [Role.VIEWER]
+
+
+def test_user_disabled_during_the_password_check_gets_no_session(env: Env,  # noqa: F811 - the fixture
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug caught: ``_login_tx`` without its re-check of the user row (``disabled_at`` / lock) under
+    ``FOR UPDATE``: the argon2 check runs outside any transaction, so a disable landing in between (another
+    request or replica) would still get a session. The disable is run exactly there, after the real check."""
+    env.run(env.cp.accounts.create_user("late@example.com", PASSWORD))
+    real = passwords.verify_password
+
+    async def verify_then_disable(stored: str, password: str) -> bool:
+        ok = await real(stored, password)
+        await env.cp.accounts.disable_user("late@example.com")
+        return ok
+
+    monkeypatch.setattr(passwords, "verify_password", verify_then_disable)
+    with pytest.raises(Unauthenticated) as exc:
+        env.run(env.cp.accounts.login("late@example.com", PASSWORD, None, INFO, None))
+    assert exc.value.code == "INVALID_LOGIN"
+    with env.db.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(t.sessions)).scalar_one() == 0
