@@ -239,3 +239,17 @@ def test_user_disabled_during_the_password_check_gets_no_session(env: Env,  # no
     assert exc.value.code == "INVALID_LOGIN"
     with env.db.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(t.sessions)).scalar_one() == 0
+
+
+def test_wrong_api_keys_at_the_dashboard_sign_in_lock_the_address_out(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``login_api_key`` without ``record_failure`` for a wrong key: the dashboard's API-key form
+    would be a side door for guessing keys that the JSON API's lock-out closes (5 here: ``env``'s policy)."""
+    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ci"), INFO))
+    for i in range(5):
+        with pytest.raises(Unauthenticated):
+            env.run(env.cp.accounts.login_api_key(f"nk_wrong{i}", "203.0.113.20", INFO, None))
+    with pytest.raises(LockedOut):
+        env.run(env.cp.accounts.login_api_key(key.api_key, "203.0.113.20", INFO, None))
+    with pytest.raises(LockedOut):  # one lock-out per address and credential type, whichever door
+        env.run(env.cp.access.authenticate(None, key.api_key, "203.0.113.20", INFO))
+    assert env.run(env.cp.accounts.login_api_key(key.api_key, "203.0.113.21", INFO, None)).context.api_key_id == key.id
