@@ -1,8 +1,9 @@
-"""Control-plane authentication, authorisation and sessions: one test per guard that a one-line bug could defeat
-without any other test failing (the mutation sweep of the auth area).
+"""Control-plane authentication, authorisation and sessions: one test per guard that a one-line bug could
+defeat without any other test failing (the mutation sweep of the auth area).
 
-Driven through the real use cases (``ControlPlane``) on a SQLite file and a throwaway PostgreSQL, with the clock
-the tests move (``test_accounts.Env``), so expiry instants are exact. Each docstring names the bug it catches.
+Driven through the real use cases (``ControlPlane``) on a SQLite file and a throwaway PostgreSQL, with the
+clock the tests move (``test_accounts.Env``), so expiry instants are exact. Each docstring names the bug it
+catches.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import sqlalchemy as sa
 from nkudo.cp import passwords
 from nkudo.cp import schema as t
 from nkudo.cp.domain import Role
-from nkudo.cp.errors import NotFound, Unauthenticated
+from nkudo.cp.errors import BadRequest, NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate, TenantCreate
 from nkudo.cp.records import Principal, RequestInfo
 from nkudo.cp.usecases.lockout import LockedOut
+from nkudo.cp.usecases.sessions import PASSWORD_MAX
 
 from .test_accounts import ADMIN, PASSWORD, Env, ca, env  # noqa: F401 - the fixtures are used by name
 
 INFO = RequestInfo(request_id="guards", source_ip="192.0.2.44")
+FROM_5, FROM_9 = RequestInfo(source_ip="203.0.113.5"), RequestInfo(source_ip="203.0.113.9")
 #: ``test_accounts.env`` builds its control plane with this admin key.
 ADMIN_KEY = "a" * 40
 
@@ -43,8 +46,8 @@ def _refused_admin(e: Env, key: str) -> None:
 
 
 def test_admin_key_must_match_whole_not_a_prefix_or_extension(env: Env) -> None:  # noqa: F811 - the fixture
-    """Bug caught: ``hmac.compare_digest(key, admin_key)`` replaced by a prefix test (``admin_key.startswith(key)``)
-    or any comparison that ignores the key's end: one character of it would then be enough."""
+    """Bug caught: ``hmac.compare_digest(key, admin_key)`` replaced by a prefix test
+    (``admin_key.startswith(key)``) or any comparison that ignores the key's end: one character would do."""
     assert env.run(env.cp.access.authenticate(ADMIN_KEY, None, "192.0.2.99", INFO)).is_admin
     for wrong in (ADMIN_KEY[:-1], ADMIN_KEY[:1], ADMIN_KEY + "a", ADMIN_KEY[:-1] + "b"):
         _refused_admin(env, wrong)
@@ -56,8 +59,8 @@ def test_api_key_ends_at_its_expiry_instant(env: Env) -> None:  # noqa: F811 - t
     """Bugs caught: the API-key lookup's expiry dropped (an expired key keeps working on the JSON API) or
     ``expires_at > now`` turned into ``>=`` (the key still works at the very instant it expires); the same for
     an API-key dashboard sign-in."""
-    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ci", expires_in_seconds=120),
-                                               INFO))
+    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id,
+                                               ApiKeyCreate(name="ci", expires_in_seconds=120), INFO))
     env.clock.advance(120 - 0.001)
     assert env.run(env.cp.access.authenticate(None, key.api_key, None, INFO)).key_id == key.id
     env.clock.advance(0.001)  # exactly expires_at
@@ -72,8 +75,8 @@ def test_api_key_ends_at_its_expiry_instant(env: Env) -> None:  # noqa: F811 - t
 def test_api_key_session_ends_at_the_key_expiry_instant(env: Env) -> None:  # noqa: F811 - the fixture
     """Bug caught: a session's key-expiry check ``now >= key_expires_at`` turned into ``>`` (or dropped): the
     read-only session of an expired key would live on past the key."""
-    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ci", expires_in_seconds=600),
-                                               INFO))
+    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id,
+                                               ApiKeyCreate(name="ci", expires_in_seconds=600), INFO))
     res = env.run(env.cp.accounts.login_api_key(key.api_key, None, INFO, None))
     env.clock.advance(590)
     assert env.run(env.cp.accounts.session(res.token)) is not None
@@ -81,7 +84,7 @@ def test_api_key_session_ends_at_the_key_expiry_instant(env: Env) -> None:  # no
     assert env.run(env.cp.accounts.session(res.token)) is None
 
 
-def test_a_tenant_cannot_revoke_or_list_another_tenants_api_keys(env: Env) -> None:  # noqa: F811 - the fixture
+def test_a_tenant_cannot_revoke_or_list_another_tenants_api_keys(env: Env) -> None:  # noqa: F811
     """Bugs caught: ``revoke_api_key``'s ``api_keys.tenant_id == tenant_id`` dropped (an owner of tenant A
     revokes tenant B's key by its id through A's own path) and ``list_api_keys`` without ``tenant_scope``."""
     other = _tenant(env, "other")
@@ -99,8 +102,9 @@ def test_a_tenant_cannot_revoke_or_list_another_tenants_api_keys(env: Env) -> No
 
 
 def test_metrics_refuses_a_wrong_admin_key_and_a_wrong_token(env: Env) -> None:  # noqa: F811 - the fixture
-    """Bug caught: ``authorize_metrics`` accepting any ``X-Admin-Key`` that is present (``admin_key is not None``
-    without ``is_admin_key``); the HTTP route happens to drop a wrong key first, the use case must not rely on it."""
+    """Bug caught: ``authorize_metrics`` accepting any ``X-Admin-Key`` that is present (``admin_key is not
+    None`` without ``is_admin_key``); the HTTP route drops a wrong key first, the use case must not rely on
+    it."""
     env.cp.access.authorize_metrics(ADMIN_KEY, None)
     for key, auth in (("wrong-" + "x" * 40, None), ("wrong-" + "x" * 40, "Bearer wrong-token-0123456789"),
                       (None, f"Bearer {ADMIN_KEY}")):
@@ -121,7 +125,7 @@ def test_session_ends_at_the_exact_idle_instant(env: Env) -> None:  # noqa: F811
     assert env.run(env.cp.accounts.session(at.token)) is None
 
 
-def test_sessions_of_another_tenant_are_neither_listed_nor_revoked(env: Env) -> None:  # noqa: F811 - the fixture
+def test_sessions_of_another_tenant_are_neither_listed_nor_revoked(env: Env) -> None:  # noqa: F811
     """Bugs caught: ``revoke_session`` without ``tenant_scope`` (an owner of A names tenant B in the path and
     ends B's sessions) and ``_tenant_sessions``' API-key branch without ``api_keys.tenant_id == tenant_id``
     (every tenant's API-key sessions listed and revocable by any owner)."""
@@ -132,7 +136,8 @@ def test_sessions_of_another_tenant_are_neither_listed_nor_revoked(env: Env) -> 
     key = env.run(env.cp.access.create_api_key(ADMIN, other, ApiKeyCreate(name="b-key"), INFO))
     keyed = env.run(env.cp.accounts.login_api_key(key.api_key, None, INFO, None))
     p = _owner(env, env.tenant_id, "a@example.com")
-    assert [s.label for s in env.run(env.cp.accounts.list_sessions(p, env.tenant_id, None))] == ["a@example.com"]
+    listed = env.run(env.cp.accounts.list_sessions(p, env.tenant_id, None))
+    assert [s.label for s in listed] == ["a@example.com"]
     for victim in (member, keyed):
         for tenant_id in (env.tenant_id, other):
             with pytest.raises(NotFound):
@@ -168,9 +173,9 @@ def test_a_disabled_users_session_resolves_to_nothing(env: Env) -> None:  # noqa
     assert env.run(env.cp.accounts.session(res.token)) is None
 
 
-def test_removing_a_member_from_one_tenant_keeps_its_other_memberships(env: Env) -> None:  # noqa: F811 - the fixture
-    """Bug caught: ``revoke_membership``'s ``memberships.tenant_id == tenant_id`` dropped: an owner of A removing
-    a user from A would delete that user's memberships in every tenant."""
+def test_removing_a_member_from_one_tenant_keeps_its_other_memberships(env: Env) -> None:  # noqa: F811
+    """Bug caught: ``revoke_membership``'s ``memberships.tenant_id == tenant_id`` dropped: an owner of A
+    removing a user from A would delete that user's memberships in every tenant."""
     other = _tenant(env, "other")
     uid = env.run(env.cp.accounts.create_user("both@example.com", PASSWORD))
     for tid in (env.tenant_id, other):
@@ -183,8 +188,8 @@ def test_removing_a_member_from_one_tenant_keeps_its_other_memberships(env: Env)
 
 
 def test_a_tenant_cannot_revoke_another_tenants_invitation(env: Env) -> None:  # noqa: F811 - the fixture
-    """Bug caught: ``revoke_invitation``'s ``invitations.tenant_id == tenant_id`` dropped (an owner of A revokes
-    B's pending invitation by its id through A's own path)."""
+    """Bug caught: ``revoke_invitation``'s ``invitations.tenant_id == tenant_id`` dropped (an owner of A
+    revokes B's pending invitation by its id through A's own path)."""
     other = _tenant(env, "other")
     theirs = env.run(env.cp.accounts.invite(ADMIN, other, "inv@example.com", Role.VIEWER, None, INFO))
     p = _owner(env, env.tenant_id, "own@example.com")
@@ -194,11 +199,11 @@ def test_a_tenant_cannot_revoke_another_tenants_invitation(env: Env) -> None:  #
     assert env.run(env.cp.accounts.invitation(theirs.token)) is not None
 
 
-def test_invitation_accept_by_an_existing_user_obeys_both_password_throttles(env: Env) -> None:  # noqa: F811 - the fixture
+def test_invitation_accept_obeys_the_account_throttle_and_the_lockout(env: Env) -> None:  # noqa: F811
     """Bugs caught: ``_check_password`` without its account-lock test (``not _lock_state(user).locked(now)``):
-    login re-checks the lock in its transaction, but accepting an invitation does not, so a throttled account's
-    password would still be tried (and accepted) there; and ``accept_invitation`` without the source's
-    PASSWORD lock-out check (a locked-out address could go on guessing through invitation links)."""
+    login re-checks the lock in its transaction, but accepting an invitation does not, so a throttled
+    account's password would still be tried (and accepted) there; and ``accept_invitation`` without the
+    source's PASSWORD lock-out check (a locked-out address could go on guessing through invitation links)."""
     env.run(env.cp.accounts.create_user("held@example.com", PASSWORD))
     inv = env.run(env.cp.accounts.invite(ADMIN, env.tenant_id, "held@example.com", Role.VIEWER, None, INFO))
     for i in range(10):  # ten addresses: the account's throttle, not an address's lock-out
@@ -206,7 +211,7 @@ def test_invitation_accept_by_an_existing_user_obeys_both_password_throttles(env
             env.run(env.cp.accounts.login("held@example.com", f"wrong {i}", f"198.51.100.{i}",
                                           RequestInfo(source_ip=f"198.51.100.{i}"), None))
     with pytest.raises(Unauthenticated) as exc:
-        env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, RequestInfo(source_ip="203.0.113.5"), None))
+        env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, FROM_5, None))
     assert exc.value.code == "INVALID_LOGIN"
     assert env.run(env.cp.accounts.invitation(inv.token)) is not None  # not consumed
 
@@ -215,8 +220,8 @@ def test_invitation_accept_by_an_existing_user_obeys_both_password_throttles(env
         with pytest.raises(Unauthenticated):
             env.run(env.cp.accounts.login(f"nobody{i}@example.com", PASSWORD, "203.0.113.9", INFO, None))
     with pytest.raises(LockedOut):
-        env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, RequestInfo(source_ip="203.0.113.9"), None))
-    res = env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, RequestInfo(source_ip="203.0.113.5"), None))
+        env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, FROM_9, None))
+    res = env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, FROM_5, None))
     assert [m.role for m in res.context.tenants] == [Role.VIEWER]
 
 
@@ -241,7 +246,7 @@ def test_user_disabled_during_the_password_check_gets_no_session(env: Env,  # no
         assert conn.execute(sa.select(sa.func.count()).select_from(t.sessions)).scalar_one() == 0
 
 
-def test_wrong_api_keys_at_the_dashboard_sign_in_lock_the_address_out(env: Env) -> None:  # noqa: F811 - the fixture
+def test_wrong_api_keys_at_the_dashboard_sign_in_lock_the_address_out(env: Env) -> None:  # noqa: F811
     """Bug caught: ``login_api_key`` without ``record_failure`` for a wrong key: the dashboard's API-key form
     would be a side door for guessing keys that the JSON API's lock-out closes (5 here: ``env``'s policy)."""
     key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ci"), INFO))
@@ -252,4 +257,16 @@ def test_wrong_api_keys_at_the_dashboard_sign_in_lock_the_address_out(env: Env) 
         env.run(env.cp.accounts.login_api_key(key.api_key, "203.0.113.20", INFO, None))
     with pytest.raises(LockedOut):  # one lock-out per address and credential type, whichever door
         env.run(env.cp.access.authenticate(None, key.api_key, "203.0.113.20", INFO))
-    assert env.run(env.cp.accounts.login_api_key(key.api_key, "203.0.113.21", INFO, None)).context.api_key_id == key.id
+    ok = env.run(env.cp.accounts.login_api_key(key.api_key, "203.0.113.21", INFO, None))
+    assert ok.context.api_key_id == key.id
+
+
+def test_login_password_length_is_bounded_exactly(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``presented_password``'s ``len(value) > PASSWORD_MAX`` loosened by one (or dropped): the bound
+    is what keeps a login from making argon2 hash an arbitrarily long input."""
+    env.run(env.cp.accounts.create_user("long@example.com", PASSWORD))
+    with pytest.raises(Unauthenticated):  # at the bound: checked (and wrong)
+        env.run(env.cp.accounts.login("long@example.com", "x" * PASSWORD_MAX, None, INFO, None))
+    with pytest.raises(BadRequest) as exc:  # one over: refused before any hashing
+        env.run(env.cp.accounts.login("long@example.com", "x" * (PASSWORD_MAX + 1), None, INFO, None))
+    assert exc.value.code == "INVALID_PASSWORD" and exc.value.field == "password"
