@@ -270,3 +270,16 @@ def test_login_password_length_is_bounded_exactly(env: Env) -> None:  # noqa: F8
     with pytest.raises(BadRequest) as exc:  # one over: refused before any hashing
         env.run(env.cp.accounts.login("long@example.com", "x" * (PASSWORD_MAX + 1), None, INFO, None))
     assert exc.value.code == "INVALID_PASSWORD" and exc.value.field == "password"
+
+
+def test_invitation_ends_at_its_expiry_instant(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``_pending``'s ``invitations.expires_at > now`` turned into ``>=`` (the link still shows its
+    invitation, and is still offered to be accepted, at the very instant it expires)."""
+    inv = env.run(env.cp.accounts.invite(ADMIN, env.tenant_id, "late@example.com", Role.VIEWER, 60, INFO))
+    env.clock.advance(60 - 0.001)
+    assert env.run(env.cp.accounts.invitation(inv.token)) is not None
+    env.clock.advance(0.001)
+    assert env.run(env.cp.accounts.invitation(inv.token)) is None
+    with pytest.raises(NotFound) as exc:
+        env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, INFO, None))
+    assert exc.value.code == "INVITATION_INVALID"
