@@ -8,17 +8,21 @@ catches.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import sqlalchemy as sa
 
 from nkudo.cp import passwords
 from nkudo.cp import schema as t
+from nkudo.cp.config import Settings, check_admin_key
 from nkudo.cp.domain import Role
 from nkudo.cp.errors import BadRequest, NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate, TenantCreate
 from nkudo.cp.records import Principal, RequestInfo
 from nkudo.cp.usecases.lockout import LockedOut
 from nkudo.cp.usecases.sessions import PASSWORD_MAX
+from nkudo.errors import ValidationError
 
 from .test_accounts import ADMIN, PASSWORD, Env, ca, env  # noqa: F401 - the fixtures are used by name
 
@@ -283,3 +287,37 @@ def test_invitation_ends_at_its_expiry_instant(env: Env) -> None:  # noqa: F811 
     with pytest.raises(NotFound) as exc:
         env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, INFO, None))
     assert exc.value.code == "INVITATION_INVALID"
+
+
+def test_empty_key_headers_guess_nothing_and_a_locked_address_stays_locked(env: Env) -> None:  # noqa: F811
+    """Bugs caught: an empty ``X-Admin-Key`` / ``X-API-Key`` counted as a wrong guess (``presented_secret(...)
+    is not None`` / ``key is not None`` dropped before ``record_failure``: a client with an empty header would
+    lock its own address out), and an empty API key from a locked-out address answered 401 without the
+    lock-out check (``lock.check`` dropped from the empty-key branch: the lock-out must hold for every key)."""
+    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ci"), INFO))
+    for empty in ("", "   ", "", "  ", "", ""):  # more than the policy's 5
+        for admin, api in ((empty, None), (None, empty)):
+            with pytest.raises(Unauthenticated):
+                env.run(env.cp.access.authenticate(admin, api, "203.0.113.30", INFO))
+    assert env.run(env.cp.access.authenticate(ADMIN_KEY, None, "203.0.113.30", INFO)).is_admin
+    assert env.run(env.cp.access.authenticate(None, key.api_key, "203.0.113.30", INFO)).key_id == key.id
+
+    for i in range(5):  # real guesses do lock the address out of API keys
+        with pytest.raises(Unauthenticated):
+            env.run(env.cp.access.authenticate(None, f"nk_guess{i}", "203.0.113.31", INFO))
+    for presented in ("", key.api_key):
+        with pytest.raises(LockedOut):
+            env.run(env.cp.access.authenticate(None, presented, "203.0.113.31", INFO))
+
+
+def test_the_admin_key_minimum_is_32_characters(tmp_path: Path) -> None:
+    """Bug caught: ``MIN_ADMIN_KEY_CHARS`` lowered (the existing start-up tests use ``MIN_ADMIN_KEY_CHARS - 1``,
+    so they follow the constant down): the documented floor is 32 printable characters, whatever the constant."""
+    for bad in ("k" * 31, " " + "k" * 31 + "\n"):
+        with pytest.raises(ValidationError) as exc:
+            check_admin_key(bad, "test")
+        assert exc.value.code == "ADMIN_KEY_INVALID"
+        with pytest.raises(ValidationError):
+            Settings(data_dir=tmp_path, admin_key=bad).check()
+    assert check_admin_key(" " + "k" * 32 + "\n", "test") == "k" * 32
+    Settings(data_dir=tmp_path, admin_key="k" * 32).check()
