@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from nkudo.cp import passwords
 from nkudo.cp import schema as t
-from nkudo.cp.config import Settings, check_admin_key
+from nkudo.cp.config import Settings, check_admin_key, presented_secret
 from nkudo.cp.domain import Role
 from nkudo.cp.errors import BadRequest, NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate, TenantCreate
@@ -321,3 +321,16 @@ def test_the_admin_key_minimum_is_32_characters(tmp_path: Path) -> None:
             Settings(data_dir=tmp_path, admin_key=bad).check()
     assert check_admin_key(" " + "k" * 32 + "\n", "test") == "k" * 32
     Settings(data_dir=tmp_path, admin_key="k" * 32).check()
+
+
+def test_secrets_must_be_printable_ascii_throughout(tmp_path: Path) -> None:
+    """Bugs caught: ``_PRINTABLE`` losing its ``\\Z`` anchor (a key with a control or non-ASCII character after
+    a printable start would pass as printable) and the metrics token's 16-character floor lowered by one."""
+    for bad in ("k" * 40 + "\x00", "k" * 20 + "\x01" + "k" * 20, "k" * 40 + "\u00e9", "k" * 20 + " " + "k" * 20):
+        assert presented_secret(bad) is None
+        with pytest.raises(ValidationError):
+            check_admin_key(bad, "test")
+    with pytest.raises(ValidationError) as exc:
+        Settings(data_dir=tmp_path, metrics_token="m" * 15).check()
+    assert exc.value.field == "metrics_token"
+    Settings(data_dir=tmp_path, metrics_token="m" * 16).check()
