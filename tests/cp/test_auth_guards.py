@@ -18,7 +18,7 @@ from nkudo.cp import schema as t
 from nkudo.cp.config import Settings, check_admin_key, presented_secret
 from nkudo.cp.domain import Role
 from nkudo.cp.errors import BadRequest, NotFound, Unauthenticated
-from nkudo.cp.models import ApiKeyCreate, TenantCreate
+from nkudo.cp.models import ApiKeyCreate, QuotaUpdate, SiteCreate, TenantCreate
 from nkudo.cp.records import Principal, RequestInfo
 from nkudo.cp.usecases.lockout import LockedOut
 from nkudo.cp.usecases.sessions import PASSWORD_MAX
@@ -334,3 +334,32 @@ def test_secrets_must_be_printable_ascii_throughout(tmp_path: Path) -> None:
         Settings(data_dir=tmp_path, metrics_token="m" * 15).check()
     assert exc.value.field == "metrics_token"
     Settings(data_dir=tmp_path, metrics_token="m" * 16).check()
+
+
+def test_tenant_keys_and_sessions_are_not_the_admin_and_see_only_their_tenant(env: Env) -> None:  # noqa: F811
+    """Bugs caught: ``require_admin`` asking "not a user" instead of ``is_admin`` (or ``Principal.is_admin`` true
+    for an API key): a tenant API key could create tenants and set quotas; and ``tenant_scope`` without its
+    ``tenant_visible`` test (or ``site_scope`` without it): a tenant key or member would reach another tenant's
+    objects by naming its id."""
+    other = _tenant(env, "other")
+    their_site = env.run(env.cp.tenancy.create_site(ADMIN, other, SiteCreate(name="theirs"), INFO)).id
+    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ci"), INFO))
+    keyed = env.run(env.cp.access.authenticate(None, key.api_key, None, INFO))
+    session = env.run(env.cp.accounts.login_api_key(key.api_key, None, INFO, None)).context.principal_for(
+        env.tenant_id)
+    for p in (keyed, session, _owner(env, env.tenant_id, "own@example.com")):
+        assert not p.is_admin
+        with pytest.raises(Unauthenticated) as exc:
+            env.run(env.cp.quotas.set_quota(p, env.tenant_id, QuotaUpdate(max_sites=3), INFO))
+        assert exc.value.code == "ADMIN_REQUIRED"
+        with pytest.raises(Unauthenticated):
+            env.run(env.cp.tenancy.create_tenant(p, TenantCreate(slug="evil", name="evil"), INFO))
+        with pytest.raises(NotFound) as nf:
+            env.run(env.cp.tenancy.list_sites(p, other))
+        assert nf.value.code == "TENANT_NOT_FOUND"
+        with pytest.raises(NotFound):
+            env.run(env.cp.accounts.list_members(p, other))
+        with pytest.raises(NotFound) as site_nf:  # ``site_scope``: the same rule for a site's objects
+            env.run(env.cp.inventory.list_hosts(p, their_site))
+        assert site_nf.value.code == "SITE_NOT_FOUND"
+    assert env.run(env.cp.inventory.list_hosts(ADMIN, their_site)).hosts == []  # the admin sees every tenant
