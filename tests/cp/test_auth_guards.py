@@ -17,7 +17,7 @@ from nkudo.cp import passwords
 from nkudo.cp import schema as t
 from nkudo.cp.config import Settings, check_admin_key, presented_secret
 from nkudo.cp.domain import Role
-from nkudo.cp.errors import BadRequest, NotFound, Unauthenticated
+from nkudo.cp.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate, QuotaUpdate, SiteCreate, TenantCreate
 from nkudo.cp.records import Principal, RequestInfo
 from nkudo.cp.usecases.lockout import LockedOut
@@ -363,3 +363,28 @@ def test_tenant_keys_and_sessions_are_not_the_admin_and_see_only_their_tenant(en
             env.run(env.cp.inventory.list_hosts(p, their_site))
         assert site_nf.value.code == "SITE_NOT_FOUND"
     assert env.run(env.cp.inventory.list_hosts(ADMIN, their_site)).hosts == []  # the admin sees every tenant
+
+
+def test_only_managers_revoke_invitations_and_memberships(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bugs caught: ``require(p, Permission.MANAGE)`` dropped from ``revoke_invitation`` or ``revoke_membership``
+    (test_roles' table lists neither): an operator, a viewer or an API-key session could revoke them."""
+    key = env.run(env.cp.access.create_api_key(ADMIN, env.tenant_id, ApiKeyCreate(name="ro"), INFO))
+    weak = [env.run(env.cp.accounts.login_api_key(key.api_key, None, INFO, None)).context.principal_for(
+        env.tenant_id)]
+    for role in (Role.OPERATOR, Role.VIEWER):
+        email = f"{role.value}@example.com"
+        env.run(env.cp.accounts.create_user(email, PASSWORD))
+        env.run(env.cp.accounts.grant(ADMIN, env.tenant_id, email, role, INFO))
+        weak.append(env.run(env.cp.accounts.login(email, PASSWORD, None, INFO, None)).context.principal_for(
+            env.tenant_id))
+    inv = env.run(env.cp.accounts.invite(ADMIN, env.tenant_id, "inv@example.com", Role.VIEWER, None, INFO))
+    target = env.run(env.cp.accounts.create_user("member@example.com", PASSWORD))
+    env.run(env.cp.accounts.grant(ADMIN, env.tenant_id, "member@example.com", Role.VIEWER, INFO))
+    for p in weak:
+        for call in (env.cp.accounts.revoke_invitation(p, env.tenant_id, inv.id, INFO),
+                     env.cp.accounts.revoke_membership(p, env.tenant_id, target, INFO)):
+            with pytest.raises(Forbidden) as exc:
+                env.run(call)
+            assert exc.value.code == "FORBIDDEN_ROLE"
+    assert env.run(env.cp.accounts.invitation(inv.token)) is not None
+    assert target in [m.user_id for m in env.run(env.cp.accounts.list_members(ADMIN, env.tenant_id))]
