@@ -388,3 +388,39 @@ def test_only_managers_revoke_invitations_and_memberships(env: Env) -> None:  # 
             assert exc.value.code == "FORBIDDEN_ROLE"
     assert env.run(env.cp.accounts.invitation(inv.token)) is not None
     assert target in [m.user_id for m in env.run(env.cp.accounts.list_members(ADMIN, env.tenant_id))]
+
+
+def test_an_owner_of_one_tenant_manages_nothing_in_another(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bugs caught: ``tenant_scope`` dropped from any tenant-management use case (grant, revoke_membership,
+    invite, list/revoke invitations, create/list/revoke API keys, list/revoke sessions). An owner's MANAGE is
+    its own tenant's; naming another tenant's id must be the same 404 as an unknown one, and change nothing."""
+    other = _tenant(env, "other")
+    p = _owner(env, env.tenant_id, "own@example.com")
+    uid = env.run(env.cp.accounts.create_user("theirs@example.com", PASSWORD))
+    env.run(env.cp.accounts.grant(ADMIN, other, "theirs@example.com", Role.VIEWER, INFO))
+    inv = env.run(env.cp.accounts.invite(ADMIN, other, "inv@example.com", Role.VIEWER, None, INFO))
+    key = env.run(env.cp.access.create_api_key(ADMIN, other, ApiKeyCreate(name="theirs"), INFO))
+    session = env.run(env.cp.accounts.login("theirs@example.com", PASSWORD, None, INFO, None))
+    acc, access = env.cp.accounts, env.cp.access
+    calls = {
+        "grant": acc.grant(p, other, "theirs@example.com", Role.OWNER, INFO),
+        "revoke_membership": acc.revoke_membership(p, other, uid, INFO),
+        "invite": acc.invite(p, other, "new@example.com", Role.OWNER, None, INFO),
+        "list_invitations": acc.list_invitations(p, other),
+        "revoke_invitation": acc.revoke_invitation(p, other, inv.id, INFO),
+        "create_api_key": access.create_api_key(p, other, ApiKeyCreate(name="mine"), INFO),
+        "list_api_keys": access.list_api_keys(p, other),
+        "revoke_api_key": access.revoke_api_key(p, other, key.id, INFO),
+        "list_sessions": acc.list_sessions(p, other, None),
+        "revoke_session": acc.revoke_session(p, other, session.context.session_id, INFO),
+    }
+    for name, call in calls.items():
+        with pytest.raises(NotFound) as nf:
+            env.run(call)
+        assert nf.value.code == "TENANT_NOT_FOUND", name
+    members = env.run(acc.list_members(ADMIN, other))
+    assert [(m.user_id, m.role) for m in members] == [(uid, Role.VIEWER)]
+    assert [i.id for i in env.run(acc.list_invitations(ADMIN, other))] == [inv.id]
+    assert env.run(acc.invitation(inv.token)) is not None
+    assert [k.id for k in env.run(access.list_api_keys(ADMIN, other)).api_keys] == [key.id]
+    assert env.run(acc.session(session.token)) is not None
