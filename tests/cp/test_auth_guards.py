@@ -21,7 +21,7 @@ from nkudo.cp.errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate, QuotaUpdate, SiteCreate, TenantCreate
 from nkudo.cp.records import Principal, RequestInfo
 from nkudo.cp.usecases.lockout import LockedOut
-from nkudo.cp.usecases.sessions import PASSWORD_MAX
+from nkudo.cp.usecases.sessions import PASSWORD_MAX, SessionContext
 from nkudo.errors import ValidationError
 
 from .test_accounts import ADMIN, PASSWORD, Env, ca, env  # noqa: F401 - the fixtures are used by name
@@ -40,7 +40,8 @@ def _owner(e: Env, tenant_id: str, email: str) -> Principal:
     """An owner member of ``tenant_id``, as its dashboard session resolves it."""
     e.run(e.cp.accounts.create_user(email, PASSWORD))
     e.run(e.cp.accounts.grant(ADMIN, tenant_id, email, Role.OWNER, INFO))
-    return e.run(e.cp.accounts.login(email, PASSWORD, None, INFO, None)).context.principal_for(tenant_id)
+    ctx: SessionContext = e.run(e.cp.accounts.login(email, PASSWORD, None, INFO, None)).context
+    return ctx.principal_for(tenant_id)
 
 
 def _refused_admin(e: Env, key: str) -> None:
