@@ -17,7 +17,7 @@ from nkudo.cp import passwords
 from nkudo.cp import schema as t
 from nkudo.cp.config import Settings, check_admin_key, presented_secret
 from nkudo.cp.domain import Role
-from nkudo.cp.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from nkudo.cp.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthenticated
 from nkudo.cp.models import ApiKeyCreate, QuotaUpdate, SiteCreate, TenantCreate
 from nkudo.cp.records import Principal, RequestInfo
 from nkudo.cp.usecases.lockout import LockedOut
@@ -425,3 +425,16 @@ def test_an_owner_of_one_tenant_manages_nothing_in_another(env: Env) -> None:  #
     assert env.run(acc.invitation(inv.token)) is not None
     assert [k.id for k in env.run(access.list_api_keys(ADMIN, other)).api_keys] == [key.id]
     assert env.run(acc.session(session.token)) is not None
+
+
+def test_accepting_an_invitation_cannot_demote_the_last_owner(env: Env) -> None:  # noqa: F811 - the fixture
+    """Bug caught: ``_keep_an_owner`` waiving its rule for ``p is None`` (an invitation accept) as it does for
+    the admin: a user made the tenant's only owner after being invited as a viewer would, by accepting, leave
+    the tenant without an owner."""
+    env.run(env.cp.accounts.create_user("sole@example.com", PASSWORD))
+    inv = env.run(env.cp.accounts.invite(ADMIN, env.tenant_id, "sole@example.com", Role.VIEWER, None, INFO))
+    env.run(env.cp.accounts.grant(ADMIN, env.tenant_id, "sole@example.com", Role.OWNER, INFO))
+    with pytest.raises(Conflict) as exc:
+        env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, INFO, None))
+    assert exc.value.code == "LAST_OWNER"
+    assert [m.role for m in env.run(env.cp.accounts.list_members(ADMIN, env.tenant_id))] == [Role.OWNER]
