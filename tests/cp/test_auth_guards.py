@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from argon2 import PasswordHasher, Type
 
 from nkudo.cp import passwords
 from nkudo.cp import schema as t
@@ -438,3 +439,12 @@ def test_accepting_an_invitation_cannot_demote_the_last_owner(env: Env) -> None:
         env.run(env.cp.accounts.accept_invitation(inv.token, PASSWORD, INFO, None))
     assert exc.value.code == "LAST_OWNER"
     assert [m.role for m in env.run(env.cp.accounts.list_members(ADMIN, env.tenant_id))] == [Role.OWNER]
+
+
+def test_password_hashes_meet_the_owasp_argon2id_minimum() -> None:
+    """Bug caught: a weaker argon2 parameter (``MEMORY_COST_KIB``, ``TIME_COST``, ``PARALLELISM``): test_accounts
+    compares the hash with the constants, so it follows them down; the floor (OWASP: m=19 MiB, t=2, p=1) is
+    written out here, and a hash made with less is re-hashed at the next login."""
+    assert passwords.hash_now(PASSWORD).startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    weaker = PasswordHasher(time_cost=1, memory_cost=19456, parallelism=1, type=Type.ID).hash(PASSWORD)
+    assert passwords.verify_now(weaker, PASSWORD) and passwords.needs_rehash(weaker)
