@@ -67,6 +67,9 @@ class SessionContext:
     memberships: list[Membership]
     csrf_token: str
     expires_at: dt.datetime  # the earlier of the idle and the absolute expiry, as of this request
+    #: The absolute expiry, which the cookie's lifetime follows: the server ends an idle session itself, and a
+    #: cookie that lived only ``idle`` from login would sign out a user who had been active all along.
+    ends_at: dt.datetime
 
     @property
     def tenants(self) -> list[Membership]:
@@ -196,7 +199,7 @@ def load_session(conn: Connection, token: str, now: dt.datetime, idle: dt.timede
     return SessionContext(
         session_id=r.id, user_id=r.user_id, api_key_id=r.api_key_id, label=label, is_admin=is_admin,
         memberships=memberships_of(conn, r.user_id, is_admin, r.tenant_id if r.api_key_id else None),
-        csrf_token=csrf_token_for(token), expires_at=min(r.expires_at, seen + idle))
+        csrf_token=csrf_token_for(token), expires_at=min(r.expires_at, seen + idle), ends_at=r.expires_at)
 
 
 def _tenant_sessions(tenant_id: str, now: dt.datetime, idle: dt.timedelta, include_admins: bool) -> sa.Select[Any]:

@@ -38,10 +38,11 @@ def _user_agent(request: web.Request) -> str | None:
 
 
 def _signed_in(request: web.Request, result: LoginResult, to: str) -> web.Response:
-    """303 to ``to`` with the new session's cookie, valid no longer than the session's absolute timeout."""
+    """303 to ``to`` with the new session's cookie, which lives until the session's absolute expiry (not its
+    idle one: the server ends an idle session, and the cookie is set only here, at sign-in)."""
     resp = see_other(to)
     now = request.config_dict[CP_KEY].clock.now()
-    set_session_cookie(resp, result.token, (result.context.expires_at - now).total_seconds())
+    set_session_cookie(resp, result.token, (result.context.ends_at - now).total_seconds())
     return resp
 
 
