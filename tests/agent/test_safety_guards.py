@@ -34,21 +34,9 @@ from nkudo.net.rtnl import IFALIASZ
 from nkudo.proc.errors import AdoptionRefused
 from nkudo.proc.identity import ProcessIdentity, check_identity, identity_after_exec, read_identity
 from nkudo.wire import messages as wm
+from tests.agent.test_plan_nesting import CREATE
 
 SH = normalise_allowlist(["/bin/sh"])
-
-CREATE: dict[str, Any] = {
-    "action_id": "a1",
-    "type": "MicroVMCreate",
-    "params": {
-        "vm_id": "vm-1",
-        "name": "web",
-        "vcpus": 1,
-        "memory_mib": 128,
-        "kernel_path": "/var/lib/nkudo-edge/images/vmlinux",
-        "nics": [{"bridge": "br0"}],
-    },
-}
 
 
 def _cmd(action_id: str = "c1", **params: Any) -> dict[str, Any]:

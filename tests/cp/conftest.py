@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nkudo.cp.db import Database, sqlite_url
 from tests.conftest import skip_or_fail
 
 from .helpers import Server, Tenant, new_tenant, start_server
@@ -70,3 +71,15 @@ def tenant(server: Server) -> Tenant:
 @pytest.fixture
 def agent_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated database of its own on each backend, for tests that drive use cases in-process."""
+    url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("pg_cluster").create_database()
+    d = Database(url, pool_size=2)
+    d.migrate()
+    try:
+        yield d
+    finally:
+        d.close()

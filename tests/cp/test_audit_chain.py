@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +36,6 @@ from .pg import Cluster
 ADMIN = Principal(PrincipalKind.ADMIN)
 E = t.audit_events.c
 R = ac.BreakReason
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("pg_cluster").create_database()
-    d = Database(url, pool_size=2)
-    d.migrate()
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 def _log(db: Database, key: Any = None) -> AuditLog:

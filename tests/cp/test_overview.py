@@ -13,7 +13,6 @@ import datetime as dt
 import hashlib
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import sqlalchemy as sa
 from nkudo.cp import models
 from nkudo.cp import schema as t
 from nkudo.cp.config import Settings
-from nkudo.cp.db import Database, sqlite_url
+from nkudo.cp.db import Database
 from nkudo.cp.domain import AgentState, PlanStatus, PrincipalKind, SiteHealth, VmStateSource
 from nkudo.cp.errors import NotFound
 from nkudo.cp.metrics import Metrics
@@ -48,17 +47,6 @@ class Clock:
 
     def now(self) -> dt.datetime:
         return self.t
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("pg_cluster").create_database()
-    d = Database(url, pool_size=2)
-    d.migrate()
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 class World:

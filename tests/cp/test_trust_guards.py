@@ -263,17 +263,6 @@ def test_heartbeat_buckets_belong_to_the_certificate_not_the_address(hb_server: 
 # --- the audit chain ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("pg_cluster").create_database()
-    d = Database(url, pool_size=2)
-    d.migrate()
-    try:
-        yield d
-    finally:
-        d.close()
-
-
 def _signed_chain(db: Database, n: int = 6) -> tuple[AuditLog, str]:
     """A tenant chain of ``n`` events with a checkpoint at its head, verified valid."""
     log = AuditLog(db, metrics=Metrics(), signer=ac.Signer(ec.generate_private_key(ec.SECP256R1())))
