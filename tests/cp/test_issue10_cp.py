@@ -169,6 +169,10 @@ def test_codec_names_field_of_undecodable_text() -> None:
     with pytest.raises(codec.WireError) as e3:
         codec.decode(b'{"heartbeat_seq":1,"host_facts":{"os":"li\\u0000nux"}}', wm.HeartbeatRequest)
     assert e3.value.field == "host_facts.os" and "NUL" in e3.value.message
+    # A NUL in a pattern-checked name fails its pattern first; the message still says NUL, not the regex.
+    with pytest.raises(codec.WireError) as e4:
+        codec.decode(b'{"slug":"a","name":"Ac\\u0000me"}', models.TenantCreate)
+    assert (e4.value.field, e4.value.message) == ("name", "text must not contain NUL characters (field name)")
     # An escaped backslash followed by "u0000" is ordinary text, not a NUL.
     assert codec.decode(b'{"host_facts":{"os":"a\\\\u0000"}}', wm.HeartbeatRequest).host_facts is not None
 
@@ -206,6 +210,8 @@ def test_undecodable_text_is_400_on_both_databases(server: Server, tenant: Tenan
         err = json.loads(data)["error"]
         assert st == 400 and err["code"] == "INVALID_ARGUMENT" and err["field"] == field, (path, body, data)
         assert "truncated" not in err["message"]
+        if b"\\u0000" in body:  # named as a NUL, not by echoing the field's pattern
+            assert err["message"] == f"text must not contain NUL characters (field {field})", data
     agent = Agent(server, agent_dir).enroll(tenant.token())
     for facts in (b'{"os":"li\\u0000nux"}', b'{"os":"li\xffnux"}', b'{"os":"\\udc00"}'):
         st, _, data = agent.mtls.raw("POST", "/v1/heartbeat", b'{"heartbeat_seq":1,"host_facts":' + facts + b"}")

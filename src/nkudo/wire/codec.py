@@ -62,6 +62,9 @@ def decode(data: bytes | str, type: type[T], *, prefix: str = "") -> T:
     try:
         out = msgspec.json.decode(data, type=type)
     except msgspec.ValidationError as exc:
+        # A NUL inside a pattern-checked string fails the pattern first: say "NUL", not the field's regex.
+        if (_NUL_S in data) if isinstance(data, str) else (_NUL_B in data):
+            _raise_bad_text(data, prefix)
         text = str(exc)
         field = field_of(text, prefix)
         msg = clean_message(text)
