@@ -31,6 +31,7 @@ from nkudo.agent import plan as agent_plan
 from nkudo.cp import http as cp_http
 from nkudo.cp import models as cp_models
 from nkudo.wire import actions as wa
+from nkudo.wire import codec
 from nkudo.wire import messages as wm
 
 
@@ -235,3 +236,24 @@ def test_openapi_patterns_match_the_models() -> None:
                 schema_name, prop)
             checked += 1
     assert checked >= 7
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS), ids=lambda p: f"{PATTERNS[p][0].value}:{PATTERNS[p][1][0][:16]}")
+def test_a_failed_pattern_is_told_in_words(pattern: str) -> None:
+    """A value failing a field's pattern was told msgspec's "Expected `str` matching regex '...'" (300
+    characters of character classes for a free-text name); every pattern now has a sentence, and the
+    error names the field, on the decode path (HTTP bodies, plan files) and the convert path alike."""
+    text = codec.pattern_text(pattern)
+    assert text is not None, "give the new pattern a sentence with nkudo.wire.codec.described"
+    assert text.startswith("expected ") and "regex" not in text and "\\" not in text
+    probe = msgspec.defstruct("Probe", [("v", typing.Annotated[str, msgspec.Meta(pattern=pattern)])],
+                              forbid_unknown_fields=True)
+    with pytest.raises(codec.WireError) as converted:
+        codec.convert({"v": "\x01\x00"}, probe)
+    errors = [converted.value]
+    if pattern != wa.ARG_PATTERN:  # an argument may hold \x01; its only refusals (NUL, surrogates) have their own text
+        with pytest.raises(codec.WireError) as decoded:
+            codec.decode(b'{"v":"\\u0001"}', probe)
+        errors.append(decoded.value)
+    for err in errors:
+        assert (err.field, err.message) == ("v", f"{text} (field v)")

@@ -8,18 +8,28 @@ import msgspec
 
 from nkudo.cp.domain import QuotaLimit
 from nkudo.wire.actions import Ident
+from nkudo.wire.codec import described
 from nkudo.wire.messages import Uuid
 
 # Patterns end in ``\Z``: msgspec applies them with ``re.search`` and ``$`` also matches before a trailing
 # newline, so ``"acme\n"`` used to pass (issue 10 item 2).
-SLUG_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}\Z"
+SLUG_PATTERN: Final = described(
+    r"^[a-z0-9][a-z0-9-]{0,62}\Z",
+    "expected a slug: 1-63 lower-case letters, digits or '-', starting with a letter or digit",
+)
 #: What a free-text name may not contain anywhere: C0/C1 control characters (NUL, newline, ESC...), line
 #: and paragraph separators, zero-width and bidi-override format characters (invisible or reordering
 #: text in a listing), and lone surrogates (not encodable as UTF-8).
 _NAME_FORBIDDEN: Final = r"\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff\ud800-\udfff"
 #: Free-text names: 1-200 characters, no leading or trailing white space, nothing from ``_NAME_FORBIDDEN``.
-NAME_PATTERN: Final = rf"^[^\s{_NAME_FORBIDDEN}](?:[^{_NAME_FORBIDDEN}]{{0,198}}[^\s{_NAME_FORBIDDEN}])?\Z"
-IDEM_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}\Z"
+NAME_PATTERN: Final = described(
+    rf"^[^\s{_NAME_FORBIDDEN}](?:[^{_NAME_FORBIDDEN}]{{0,198}}[^\s{_NAME_FORBIDDEN}])?\Z",
+    "expected 1-200 characters without control, zero-width or bidi characters and without leading or trailing white space",
+)
+IDEM_KEY_PATTERN: Final = described(
+    r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}\Z",
+    "expected 1-200 letters, digits, '_', '.', ':' or '-', starting with a letter or digit",
+)
 
 Slug = Annotated[str, msgspec.Meta(pattern=SLUG_PATTERN)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
-from nkudo.wire.codec import WireError, convert
+from nkudo.wire.codec import WireError, convert, described
 from nkudo.wire.vocab import ActionType
 
 # Every pattern ends in ``\Z``, never ``$``: msgspec applies patterns with ``re.search``, and ``$`` also
@@ -21,19 +21,37 @@ from nkudo.wire.vocab import ActionType
 # (issue 10 item 2). The OpenAPI document states the same patterns with ECMA's ``$``, which has no such hole.
 
 #: VM ids, names and snapshot names: 1-64 chars, start alphanumeric, then ``[A-Za-z0-9_.-]``.
-IDENT_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
+IDENT_PATTERN: Final = described(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z",
+    "expected 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+)
 #: Action ids and plan ids on the agent (execution ids are UUIDs, plan labels may carry ``:``).
-ACTION_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z"
+ACTION_ID_PATTERN: Final = described(
+    r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z",
+    "expected 1-128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit",
+)
 #: Linux interface names (bridges): at most 15 chars.
-IFNAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z"
+IFNAME_PATTERN: Final = described(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z",
+    "expected an interface name: 1-15 letters, digits, '_', '.' or '-', starting with a letter or digit",
+)
 #: A unicast, non-zero MAC (the kernel refuses multicast, broadcast and all-zero addresses on a TAP, so
 #: the agent would fail late): hex pairs with colons, the first octet's low bit clear.
-MAC_PATTERN: Final = r"^(?!00:00:00:00:00:00\Z)[0-9A-Fa-f][02468ACEace](?::[0-9A-Fa-f]{2}){5}\Z"
+MAC_PATTERN: Final = described(
+    r"^(?!00:00:00:00:00:00\Z)[0-9A-Fa-f][02468ACEace](?::[0-9A-Fa-f]{2}){5}\Z",
+    "expected a unicast, non-zero MAC address as six hex pairs with colons (first octet even)",
+)
 #: Absolute path without ``..`` components, control characters (NUL, newline...) or lone surrogates.
-PATH_PATTERN: Final = r"^/(?!.*(?:^|/)\.\.(?:/|\Z))[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{0,4095}\Z"
+PATH_PATTERN: Final = described(
+    r"^/(?!.*(?:^|/)\.\.(?:/|\Z))[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{0,4095}\Z",
+    "expected an absolute path without '..' components or control characters",
+)
 #: A command-line argument: anything but NUL, which ``execve`` cannot pass, and lone surrogates, which have
 #: no UTF-8 encoding (newlines and other control characters are legitimate in an argument).
-ARG_PATTERN: Final = r"^[^\x00\ud800-\udfff]*\Z"
+ARG_PATTERN: Final = described(
+    r"^[^\x00\ud800-\udfff]*\Z",
+    "expected text without NUL characters or lone surrogates",
+)
 
 Ident = Annotated[str, msgspec.Meta(pattern=IDENT_PATTERN)]
 IfName = Annotated[str, msgspec.Meta(pattern=IFNAME_PATTERN)]

@@ -47,8 +47,28 @@ def field_of(message: str, prefix: str = "") -> str | None:
     return joined or None
 
 
+#: msgspec's text for a failed pattern -> the sentence said instead (``described``).
+_PATTERN_TEXT: dict[str, str] = {}
+
+
+def described(pattern: str, text: str) -> str:
+    """Record ``text`` as what a value failing ``pattern`` is told; return ``pattern`` (for the constant).
+
+    Why: msgspec says "Expected `str` matching regex '...'", which for a free-text name is 300 characters
+    of character classes; an operator wants to read what the field takes. The pattern stays the authority.
+    """
+    _PATTERN_TEXT[f"Expected `str` matching regex {pattern!r}"] = text
+    return pattern
+
+
+def pattern_text(pattern: str) -> str | None:
+    """The sentence recorded for ``pattern`` by ``described``, if any."""
+    return _PATTERN_TEXT.get(f"Expected `str` matching regex {pattern!r}")
+
+
 def clean_message(message: str) -> str:
-    return _AT.sub("", message)
+    text = _AT.sub("", message)
+    return _PATTERN_TEXT.get(text, text)
 
 
 def decode(data: bytes | str, type: type[T], *, prefix: str = "") -> T:

@@ -17,21 +17,34 @@ import msgspec
 
 from nkudo.vmstate import VmStatus
 from nkudo.wire.actions import Ident
+from nkudo.wire.codec import described
 from nkudo.wire.vocab import LogLevel, ReportedStatus
 
 # Patterns end in ``\Z``, not ``$`` (which also matches before a trailing newline; issue 10 item 2).
-UUID_PATTERN: Final = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z"
+UUID_PATTERN: Final = described(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z",
+    "expected a lower-case UUID (8-4-4-4-12 hex digits)",
+)
 Uuid = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
 Short = Annotated[str, msgspec.Meta(max_length=256)]
-HOSTNAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}\Z"
+HOSTNAME_PATTERN: Final = described(
+    r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}\Z",
+    "expected a host name: 1-253 letters, digits, '.' or '-', starting with a letter or digit",
+)
 Hostname = Annotated[str, msgspec.Meta(pattern=HOSTNAME_PATTERN)]
-SHA256_PATTERN: Final = r"^[0-9a-f]{64}\Z"
+SHA256_PATTERN: Final = described(
+    r"^[0-9a-f]{64}\Z",
+    "expected 64 lower-case hex digits",
+)
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=SHA256_PATTERN)]
 Pem = Annotated[str, msgspec.Meta(min_length=1, max_length=16 * 1024)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 Message = Annotated[str, msgspec.Meta(max_length=8192)]
-ERROR_CODE_PATTERN: Final = r"^[A-Z][A-Z0-9_]{0,63}\Z"
+ERROR_CODE_PATTERN: Final = described(
+    r"^[A-Z][A-Z0-9_]{0,63}\Z",
+    "expected an error code: 1-64 upper-case letters, digits or '_', starting with a letter",
+)
 ErrorCode = Annotated[str, msgspec.Meta(pattern=ERROR_CODE_PATTERN)]
 
 # The value sets (VM states, result statuses, log levels, execution states) are defined once, in
@@ -151,7 +164,11 @@ MAX_CONSOLE_LINES: Final = 1000
 MAX_CONSOLE_CHARS: Final = 64 * 1024
 MAX_CONSOLE_REQUESTS: Final = 8
 ConsoleLines = Annotated[int, msgspec.Meta(ge=1, le=MAX_CONSOLE_LINES)]
-ConsoleText = Annotated[str, msgspec.Meta(max_length=MAX_CONSOLE_CHARS, pattern=rf"^[^{CONSOLE_FORBIDDEN}]*\Z")]
+CONSOLE_PATTERN: Final = described(
+    rf"^[^{CONSOLE_FORBIDDEN}]*\Z",
+    "expected text without control or bidi characters other than tab and newline",
+)
+ConsoleText = Annotated[str, msgspec.Meta(max_length=MAX_CONSOLE_CHARS, pattern=CONSOLE_PATTERN)]
 
 
 class ConsoleRequest(_Strict):
