@@ -86,6 +86,10 @@ def ago(value: Stamp, now: dt.datetime | None = None) -> str:
     return f"in {text}" if future else f"{text} ago"
 
 
+_TIMECELL = Markup('<time datetime="%s" title="%s" data-relative>%s</time>')
+_BADGE = Markup('<span class="badge badge-%s">%s</span>')
+
+
 def timecell(value: Stamp) -> Markup:
     """A table's time cell: ``<time>`` with the machine-readable instant, the exact UTC time as its title and
     "3 min ago" as its text (app.js keeps that fresh). One filter, one parse: a site page has hundreds of them,
@@ -93,20 +97,22 @@ def timecell(value: Stamp) -> Markup:
     v = _dt(value)
     if v is None:
         return Markup('<span class="muted">never</span>')
-    return Markup('<time datetime="{}" title="{}" data-relative>{}</time>').format(iso(v), when(v), ago(v))
+    # Markup's % (each argument escaped), not Markup.format: that runs string.Formatter in Python and was 40 %
+    # of this filter, itself an eighth of a site page's server time (py-spy); % takes 40 % less per cell.
+    return _TIMECELL % (iso(v), when(v), ago(v))
 
 
 def badge(value: object) -> Markup:
     """A state or health word as a badge (the text carries the meaning; the colour only repeats it): a filter,
     not a macro, because a table row calls it and a Jinja macro call costs several times a Python call."""
     text = str(value)
-    return Markup('<span class="badge badge-{}">{}</span>').format(text.lower(), text)
+    return _BADGE % (text.lower(), text)
 
 
 def gib(n: int | None) -> Markup:
     """A byte count in GiB with one decimal; nothing known (None or 0, as facts_summary reads a missing fact) is
     a dash."""
-    return Markup("{:.1f} GiB").format(n / 2**30) if n else Markup('<span class="muted">—</span>')
+    return Markup("%.1f GiB") % (n / 2**30) if n else Markup('<span class="muted">—</span>')
 
 
 def environment(app: web.Application) -> jinja2.Environment:
