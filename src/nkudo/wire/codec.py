@@ -57,13 +57,18 @@ def described(pattern: str, text: str) -> str:
     Why: msgspec says "Expected `str` matching regex '...'", which for a free-text name is 300 characters
     of character classes; an operator wants to read what the field takes. The pattern stays the authority.
     """
-    _PATTERN_TEXT[f"Expected `str` matching regex {pattern!r}"] = text
+    _PATTERN_TEXT[_pattern_failure(pattern)] = text
     return pattern
 
 
 def pattern_text(pattern: str) -> str | None:
     """The sentence recorded for ``pattern`` by ``described``, if any."""
-    return _PATTERN_TEXT.get(f"Expected `str` matching regex {pattern!r}")
+    return _PATTERN_TEXT.get(_pattern_failure(pattern))
+
+
+def _pattern_failure(pattern: str) -> str:
+    """msgspec's message for a value failing ``pattern`` (the ``- at `$...``` part removed)."""
+    return f"Expected `str` matching regex {pattern!r}"
 
 
 def clean_message(message: str) -> str:
@@ -83,7 +88,7 @@ def decode(data: bytes | str, type: type[T], *, prefix: str = "") -> T:
         out = msgspec.json.decode(data, type=type)
     except msgspec.ValidationError as exc:
         # A NUL inside a pattern-checked string fails the pattern first: say "NUL", not the field's regex.
-        if (_NUL_S in data) if isinstance(data, str) else (_NUL_B in data):
+        if _has_nul_escape(data):
             _raise_bad_text(data, prefix)
         text = str(exc)
         field = field_of(text, prefix)
@@ -94,13 +99,18 @@ def decode(data: bytes | str, type: type[T], *, prefix: str = "") -> T:
         raise WireError(f"malformed JSON: {exc}", field=prefix or None) from None
     except RecursionError:  # ``[[[[...]]]]`` deeper than the interpreter allows (issue 10 item 10)
         raise WireError("JSON is nested too deeply", field=prefix or None) from None
-    if (_NUL_S in data) if isinstance(data, str) else (_NUL_B in data):
+    if _has_nul_escape(data):
         _raise_bad_text(data, prefix)
     return out
 
 
 _NUL_B = b"\\u0000"
 _NUL_S = "\\u0000"
+
+
+def _has_nul_escape(data: bytes | str) -> bool:
+    """Whether the JSON text holds a ``\\u0000`` escape (maybe an escaped backslash: ``_raise_bad_text`` decides)."""
+    return (_NUL_S in data) if isinstance(data, str) else (_NUL_B in data)
 
 
 def _raise_bad_text(data: bytes | str, prefix: str) -> None:
